@@ -1,0 +1,16 @@
+"""Local inference with llama.cpp (L3)."""
+
+from p2pcache.backend.llama_backend import BackendConfig, Generation, LlamaBackend, PromptTooLong
+from p2pcache.backend.model_files import ModelNotFound, default_model_path, resolve_model_path
+from p2pcache.backend.worker import BackendWorker
+
+__all__ = [
+    "BackendConfig",
+    "BackendWorker",
+    "Generation",
+    "LlamaBackend",
+    "ModelNotFound",
+    "PromptTooLong",
+    "default_model_path",
+    "resolve_model_path",
+]

@@ -1,0 +1,104 @@
+"""Cache entry records and their framed, checksummed on-disk encoding."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+import msgpack
+
+CacheLevel = Literal["decoder_final", "kv_prefix"]
+
+FRAME_VERSION = 1
+_CHECKSUM_LEN = 16
+_HEADER_LEN = 1 + _CHECKSUM_LEN
+
+
+class CorruptValue(ValueError):
+    """A stored value failed its checksum or could not be decoded."""
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class Output:
+    """What a `decoder_final` entry replays: the completion tokens and text."""
+
+    tokens: list[int]
+    text: str
+    finish_reason: str = "stop"
+
+    def sha256(self) -> str:
+        payload = msgpack.packb([self.tokens, self.text, self.finish_reason], use_bin_type=True)
+        return hashlib.sha256(payload).hexdigest()
+
+
+@dataclass
+class Entry:
+    """One cache entry, with the schema of the design document."""
+
+    input_sha256: str
+    model_hash: str
+    cache_level: CacheLevel
+    output: Output
+    params: dict[str, Any]
+    privacy_flag: bool = True
+    embedding: int | None = None  # FAISS id, set by the semantic tier
+    inserted_at: int = field(default_factory=now_ms)
+    hits: int = 0
+    last_hit_at: int = 0
+    size: int = 0  # bytes of the encoded value, filled in by the store
+    producer: str = ""  # peer id of the node that computed the output
+    signature: bytes = b""  # producer's Ed25519 signature over signing_payload()
+    verified_by_us: bool = True  # computed or verified locally
+    prompt_tokens: int = 0  # how many input tokens the key covered (for stats and gates)
+
+    def signing_payload(self) -> bytes:
+        """The bytes a producer signs: binds the output to the key and the model."""
+        return msgpack.packb(
+            [b"otd-entry-v1", self.input_sha256, self.model_hash, self.cache_level,
+             self.output.sha256()],
+            use_bin_type=True,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Entry:
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["output"] = Output(**d["output"])
+        return cls(**d)
+
+
+def encode_frame(payload: bytes) -> bytes:
+    """``version | blake2b-128(payload) | payload``: cheap to check on every read."""
+    digest = hashlib.blake2b(payload, digest_size=_CHECKSUM_LEN).digest()
+    return bytes([FRAME_VERSION]) + digest + payload
+
+
+def decode_frame(value: bytes | memoryview) -> bytes:
+    value = bytes(value)
+    if len(value) < _HEADER_LEN or value[0] != FRAME_VERSION:
+        raise CorruptValue("bad frame header")
+    payload = value[_HEADER_LEN:]
+    if hashlib.blake2b(payload, digest_size=_CHECKSUM_LEN).digest() != value[1:_HEADER_LEN]:
+        raise CorruptValue("checksum mismatch")
+    return payload
+
+
+def encode_entry(entry: Entry) -> bytes:
+    return encode_frame(msgpack.packb(entry.to_dict(), use_bin_type=True))
+
+
+def decode_entry(value: bytes | memoryview) -> Entry:
+    payload = decode_frame(value)
+    try:
+        return Entry.from_dict(msgpack.unpackb(payload, raw=False))
+    except (ValueError, TypeError, KeyError, msgpack.ExtraData) as exc:
+        raise CorruptValue(f"undecodable entry: {exc}") from exc

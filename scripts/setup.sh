@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Sets up .venv with p2pcache and everything it needs (idempotent; fast when already done).
+#
+# llama-cpp-python is built from source. We pick the CPU instruction sets ourselves instead
+# of -march=native: the native build enables llama.cpp's AMX kernels, which crash on the
+# Gemma 3 weights on this class of machine (SIGSEGV in ggml_backend_amx_mul_mat). The wheel
+# is kept in ~/.cache/p2pcache/wheels/<flags> so later set-ups and CI runs reuse it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+LLAMA_VERSION=0.3.36
+EXTRAS=${P2PCACHE_EXTRAS:-dev}
+
+flags=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true)
+has() { [[ " $flags " == *" $1 "* ]]; }
+cmake_args="-DGGML_NATIVE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF"
+cmake_args+=" -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAVA_BUILD=OFF"
+if [[ "$(uname -m)" == "x86_64" ]]; then
+  for f in avx avx2 fma f16c bmi2; do
+    has "$f" && cmake_args+=" -DGGML_${f^^}=ON" || cmake_args+=" -DGGML_${f^^}=OFF"
+  done
+  has avx_vnni && cmake_args+=" -DGGML_AVX_VNNI=ON"
+  if has avx512f; then
+    cmake_args+=" -DGGML_AVX512=ON"
+    has avx512vbmi && cmake_args+=" -DGGML_AVX512_VBMI=ON"
+    has avx512_vnni && cmake_args+=" -DGGML_AVX512_VNNI=ON"
+    has avx512_bf16 && cmake_args+=" -DGGML_AVX512_BF16=ON"
+  fi
+fi
+if [[ -n "${P2PCACHE_CUDA:-}" ]]; then
+  cmake_args+=" -DGGML_CUDA=on"
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+  echo "==> creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip wheel
+
+tag=$(echo "$LLAMA_VERSION $cmake_args" | sha256sum | cut -c1-16)
+wheel_dir="${XDG_CACHE_HOME:-$HOME/.cache}/p2pcache/wheels/$tag"
+if ! ls "$wheel_dir"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+  echo "==> building llama-cpp-python $LLAMA_VERSION from source (about 5-8 minutes on 2 cores)"
+  echo "    CMAKE_ARGS=$cmake_args"
+  mkdir -p "$wheel_dir.tmp"
+  CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    .venv/bin/python -m pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python \
+    -w "$wheel_dir.tmp" "llama-cpp-python==$LLAMA_VERSION"
+  rm -rf "$wheel_dir" && mv "$wheel_dir.tmp" "$wheel_dir"
+fi
+installed=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('llama-cpp-python'))" 2>/dev/null || true)
+marker=.venv/.llama-wheel-tag
+if [[ "$installed" != "$LLAMA_VERSION" || "$(cat $marker 2>/dev/null)" != "$tag" ]]; then
+  echo "==> installing llama-cpp-python wheel ($tag)"
+  .venv/bin/python -m pip install -q --force-reinstall --no-deps "$wheel_dir"/llama_cpp_python-*.whl
+  echo "$tag" > "$marker"
+fi
+
+echo "==> installing p2pcache[$EXTRAS]"
+.venv/bin/python -m pip install -q -e ".[$EXTRAS]"
+echo "==> ready: .venv/bin/p2pcache --help"
