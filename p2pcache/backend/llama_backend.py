@@ -16,6 +16,7 @@ from typing import Any
 
 import llama_cpp
 
+from p2pcache.backend.chat_templates import fallback_template
 from p2pcache.keys import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,6 @@ class LlamaBackend:
 
     def chat_tokens(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         """Token ids of a conversation after the model's chat template."""
-        if self._chat is None:
-            raise ValueError("this model has no chat template")
         rendered = self._chat(messages=list(messages)).prompt
         # The template renders BOS itself; special tokens in it are real control tokens.
         return self.llm.tokenize(rendered.encode("utf-8"), add_bos=False, special=True)
@@ -86,11 +85,13 @@ class LlamaBackend:
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
-    def _make_chat_formatter(self) -> Any:
-        template = self.llm.metadata.get("tokenizer.chat_template")
-        if not template:
-            return None
+    def _make_chat_formatter(self) -> Any:  # llama_cpp's Jinja2ChatFormatter
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        metadata = self.llm.metadata
+        template = metadata.get("tokenizer.chat_template") or fallback_template(
+            metadata.get("general.architecture", "")
+        )
 
         def text(tok: int) -> str:
             return self.llm._model.token_get_text(tok) if tok != -1 else ""

@@ -1,0 +1,3 @@
+from p2pcache.cli.main import app
+
+app(prog_name="p2pcache")
