@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -111,12 +112,17 @@ class Store:
         path: str | Path,
         size_cap: int = DEFAULT_SIZE_CAP,
         durable: bool = True,
+        map_size: int | None = None,
     ) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.size_cap = int(size_cap)
         # The map is only address space; 2x the cap leaves room for LMDB's free pages.
-        map_size = max(2 * self.size_cap, 256 * 1024**2)
+        # A smaller map_size models a disk that fills up before the cap is reached.
+        map_size = map_size or max(2 * self.size_cap, 256 * 1024**2)
+        # Copy-on-write B-trees and free pages need headroom: counted bytes stay under half
+        # the map, or a full map could refuse even the deletes that eviction needs.
+        self._byte_budget = min(self.size_cap, map_size // 2)
         self.env = lmdb.open(
             str(self.path),
             map_size=map_size,
@@ -237,14 +243,18 @@ class Store:
         """Insert or replace an entry, evicting by use to stay under the size cap."""
         k = _key(entry.input_sha256)
         value = _encode_sized(entry)
-        if len(value) > self.size_cap:
-            raise EntryTooLarge(f"entry of {len(value)} bytes exceeds the size cap {self.size_cap}")
+        if len(value) > self._byte_budget:
+            raise EntryTooLarge(f"entry of {len(value)} bytes exceeds the store's budget of {self._byte_budget}")
         self.flush_hits()
-        for attempt in range(2):
+        # LMDB reuses freed pages only after the freeing transaction commits, so when the map
+        # (the disk budget) is full we evict in a transaction of its own, then retry.
+        for free_fraction in (0.0, 0.1, 0.25, 0.5):
+            if free_fraction:
+                self._evict_fraction(free_fraction)
             try:
                 with self.env.begin(write=True) as txn:
                     self._remove(txn, k)
-                    self._make_room(txn, len(value), aggressive=attempt > 0)
+                    self._make_room(txn, len(value))
                     txn.put(k, value, db=self._entries)
                     txn.put(_evict_key(entry, k), b"", db=self._evict)
                     self._add(txn, "entries", 1)
@@ -252,10 +262,23 @@ class Store:
                     self._add(txn, "inserts", 1)
                 return entry
             except lmdb.MapFullError:
-                log.warning("LMDB map full; evicting harder and retrying")
+                log.warning("LMDB map full; evicting and retrying")
             except lmdb.Error as exc:  # e.g. ENOSPC at commit: the transaction is aborted
-                raise StoreError(f"could not store entry: {exc}") from exc
-        raise StoreError("store is full even after eviction")
+                raise StoreError(f"could not store entry: {exc}{self._disk_hint(len(value))}") from exc
+        raise StoreError("store is full even after evicting half of it")
+
+    def _disk_hint(self, need: int) -> str:
+        # LMDB reports a short write as EIO; say what the operator should look at.
+        free = shutil.disk_usage(self.path).free
+        return f" (disk full: {free} bytes free at {self.path})" if free < 4 * need + (1 << 20) else ""
+
+    def _evict_fraction(self, fraction: float) -> None:
+        try:
+            with self.env.begin(write=True) as txn:
+                total = _u64(txn.get(b"bytes", db=self._meta))
+                self._evict_down_to(txn, int(total * (1 - fraction)))
+        except lmdb.MapFullError:  # deleting needs a few pages too; nothing more to do
+            log.error("LMDB map full even for eviction")
 
     def delete(self, input_sha256: str) -> bool:
         with self.env.begin(write=True) as txn:
@@ -316,10 +339,11 @@ class Store:
         for ek in stale:
             txn.delete(ek, db=self._evict)
 
-    def _make_room(self, txn: lmdb.Transaction, need: int, aggressive: bool) -> None:
-        target = self.size_cap - need
-        if aggressive:  # the map filled before the cap: free a tenth more
-            target = min(target, int(_u64(txn.get(b"bytes", db=self._meta)) * 0.9) - need)
+    def _make_room(self, txn: lmdb.Transaction, need: int) -> None:
+        self._evict_down_to(txn, self._byte_budget - need)
+
+    def _evict_down_to(self, txn: lmdb.Transaction, target: int) -> None:
+        """Evict lowest-priority entries until the counted bytes are at most ``target``."""
         cursor = txn.cursor(db=self._evict)
         while _u64(txn.get(b"bytes", db=self._meta)) > max(target, 0) and cursor.first():
             k = bytes(cursor.key()[8:])
