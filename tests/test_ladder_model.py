@@ -144,3 +144,16 @@ def test_identity_persists(tmp_path: Path) -> None:
     b = Identity.load_or_create(tmp_path / "id.key")
     assert a.peer_id == b.peer_id and a.peer_id.startswith("12D3KooW")
     assert (tmp_path / "id.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_failed_store_write_still_answers(resolver: Resolver, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from p2pcache.store import StoreError
+
+    def full(entry):  # type: ignore[no-untyped-def]
+        raise StoreError("disk full")
+
+    monkeypatch.setattr(store, "put", full)
+    req = Request(prompt="Disk full?", params=SamplingParams(max_tokens=4))
+    a = run(resolver, req)
+    assert a.cache_level == "L3" and a.timings.completion_tokens > 0
+    assert run(resolver, req).cache_level == "L3"  # nothing was stored

@@ -22,7 +22,7 @@ DataDirOpt = Annotated[
     typer.Option(
         "--data-dir",
         envvar=DATA_DIR_ENV,
-        help="Node data dir [default: ~/.local/share/p2pcache].",
+        help="Node data dir (default: ~/.local/share/p2pcache).",
         show_default=False,
     ),
 ]

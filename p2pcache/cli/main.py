@@ -26,7 +26,7 @@ app.add_typer(cache.app, name="cache")
 
 ModelOpt = Annotated[
     Optional[Path],
-    typer.Option("--model", envvar="P2PCACHE_MODEL", help="GGUF model file [default: embedded Gemma 3 270M Q4_K_M]."),
+    typer.Option("--model", envvar="P2PCACHE_MODEL", help="GGUF model file (default: the embedded Gemma 3 270M Q4_K_M)."),
 ]
 
 
