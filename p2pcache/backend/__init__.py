@@ -1,8 +1,8 @@
 """Local inference with llama.cpp (L3)."""
 
-from p2pcache.backend.llama_backend import BackendConfig, Generation, LlamaBackend, PromptTooLong
+from p2pcache.backend.llama_backend import BackendConfig, Generation, LlamaBackend, PromptTooLong, Score
 from p2pcache.backend.model_files import ModelNotFound, default_model_path, resolve_model_path
-from p2pcache.backend.worker import BackendWorker
+from p2pcache.backend.worker import BackendWorker, Overloaded
 
 __all__ = [
     "BackendConfig",
@@ -10,7 +10,9 @@ __all__ = [
     "Generation",
     "LlamaBackend",
     "ModelNotFound",
+    "Overloaded",
     "PromptTooLong",
+    "Score",
     "default_model_path",
     "resolve_model_path",
 ]

@@ -34,6 +34,10 @@ class BackendConfig:
     n_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     n_gpu_layers: int | None = None  # None: all layers when llama.cpp has a GPU, else 0
     flash_attn: bool = False
+    # KV cache element types (llama.cpp GGML_TYPE_*): None = f16. Quantized V (q8_0, q4_0)
+    # needs flash attention; see p2pcache.kv (the types are part of kv_config).
+    type_k: int | None = None
+    type_v: int | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,38 @@ class Generation:
     prompt_tokens: int
     prefill_ms: float
     decode_ms: float
+
+
+@dataclass(frozen=True)
+class Score:
+    """Teacher-forced scores of a completion after a prompt (`LlamaBackend.score`).
+
+    Position j is the completion's token j, predicted from prompt + completion[:j].
+    ``logprobs[j]``: log p(token j); ``argmax[j]``: the local model's top token there;
+    ``gaps[j]``: logit(argmax) - logit(token j) (0 where the token is the argmax, the
+    "tiny logit gap" a verifier allows for cross-hardware float noise); ``top_ids`` /
+    ``top_logprobs``: the ``top_k`` best tokens per position (empty lists when top_k=0).
+    """
+
+    tokens: list[int]
+    logprobs: list[float]
+    argmax: list[int]
+    gaps: list[float]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+    prompt_tokens: int
+    ms: float  # wall time of the prefill and the log-softmax
+
+    @property
+    def mean_logprob(self) -> float:
+        return sum(self.logprobs) / len(self.logprobs) if self.logprobs else 0.0
+
+    @property
+    def argmax_agreement(self) -> float:
+        """Fraction of positions where the completion's token is the local argmax."""
+        if not self.tokens:
+            return 1.0
+        return sum(a == t for a, t in zip(self.argmax, self.tokens)) / len(self.tokens)
 
 
 class LlamaBackend:
@@ -63,6 +99,8 @@ class LlamaBackend:
             n_threads_batch=config.n_threads,
             n_gpu_layers=n_gpu,
             flash_attn=config.flash_attn,
+            type_k=config.type_k,
+            type_v=config.type_v,
             verbose=False,
         )
         self._vocab = self.llm._model.vocab
@@ -159,4 +197,70 @@ class LlamaBackend:
             prompt_tokens=len(prompt),
             prefill_ms=(t1 - t0) * 1000,
             decode_ms=(t2 - t1) * 1000,
+        )
+
+    # -- teacher-forced scoring (verification and quality gates) --------------------------
+    def score(
+        self, prompt: Sequence[int], completion: Sequence[int], top_k: int = 0, chunk: int = 64
+    ) -> Score:
+        """One teacher-forced prefill of ``prompt + completion``: per completion token its
+        log-probability, the local argmax, the logit gap to the argmax and (``top_k`` > 0)
+        the top-k alternatives. Used by the L1 quality gate and by peers verifying a claimed
+        ``decoder_final`` (greedy: every token must be the argmax, within a tiny gap).
+
+        Starts from an empty KV cache like `generate`, and leaves the context holding
+        ``prompt + completion[:-1]`` (``llm.n_tokens`` / ``input_ids`` kept consistent).
+        Logits are requested only at the completion positions, ``chunk`` rows at a time
+        (a Gemma 3 row is 262k floats = 1 MiB)."""
+        import numpy as np
+
+        prompt, completion = list(prompt), list(completion)
+        if not prompt:
+            raise ValueError("empty prompt")
+        if len(prompt) + len(completion) > self.config.n_ctx:
+            raise PromptTooLong(
+                f"prompt + completion ({len(prompt) + len(completion)} tokens) exceed the context "
+                f"window of {self.config.n_ctx} tokens"
+            )
+        llm = self.llm
+        n_vocab = llm.n_vocab()
+        t0 = time.perf_counter()
+        llm.reset()
+        llm.eval(prompt)  # logits of the last prompt token only: they predict completion[0]
+        rows = [np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,)).copy()[None, :]]
+        # Feed completion[:-1] with logits at every position: row i predicts completion[i+1].
+        rest = completion[:-1]
+        for i in range(0, len(rest), max(1, min(chunk, self.config.n_batch))):
+            part = rest[i : i + max(1, min(chunk, self.config.n_batch))]
+            n_past = llm.n_tokens
+            llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
+            llm._batch.set_batch(batch=part, n_past=n_past, logits_all=True)
+            llm._ctx.decode(llm._batch)
+            llm.input_ids[n_past : n_past + len(part)] = part
+            llm.n_tokens += len(part)
+            rows.append(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(part), n_vocab)).copy())
+        logits = np.concatenate(rows)[: len(completion)] if completion else np.zeros((0, n_vocab), np.float32)
+        idx = np.arange(len(completion))
+        tok = np.asarray(completion, dtype=np.int64)
+        mx = logits.max(axis=1) if len(completion) else np.zeros(0, np.float32)
+        lse = mx + np.log(np.exp(logits - mx[:, None]).sum(axis=1)) if len(completion) else mx
+        chosen = logits[idx, tok] if len(completion) else mx
+        argmax = logits.argmax(axis=1) if len(completion) else np.zeros(0, np.int64)
+        top_ids: list[list[int]] = []
+        top_lps: list[list[float]] = []
+        if top_k > 0 and len(completion):
+            part_idx = np.argpartition(-logits, top_k, axis=1)[:, :top_k]
+            part_val = np.take_along_axis(logits, part_idx, axis=1)
+            order = np.argsort(-part_val, axis=1)
+            top_ids = np.take_along_axis(part_idx, order, axis=1).tolist()
+            top_lps = (np.take_along_axis(part_val, order, axis=1) - lse[:, None]).tolist()
+        return Score(
+            tokens=completion,
+            logprobs=(chosen - lse).astype(float).tolist(),
+            argmax=argmax.astype(int).tolist(),
+            gaps=(mx - chosen).astype(float).tolist(),
+            top_ids=top_ids,
+            top_logprobs=top_lps,
+            prompt_tokens=len(prompt),
+            ms=(time.perf_counter() - t0) * 1000,
         )

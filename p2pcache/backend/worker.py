@@ -7,31 +7,83 @@ from typing import TypeVar
 
 import trio
 
-from p2pcache.backend.llama_backend import Generation, LlamaBackend
+from p2pcache.backend.llama_backend import Generation, LlamaBackend, Score
 from p2pcache.keys import SamplingParams
 
 T = TypeVar("T")
 
 
-class BackendWorker:
-    """Serializes model calls on a worker thread; counts what waits for it."""
+class Overloaded(RuntimeError):
+    """The model's queue is full, the wait for it timed out, or the node is shutting down.
+    Nothing was computed; the caller may retry later (HTTP 429 / 503)."""
 
-    def __init__(self, backend: LlamaBackend) -> None:
+    def __init__(self, message: str, *, shutting_down: bool = False) -> None:
+        super().__init__(message)
+        self.shutting_down = shutting_down
+
+
+class BackendWorker:
+    """Serializes model calls on a worker thread; counts what waits for it.
+
+    The queue is bounded: with ``max_waiting`` calls already waiting, a new call fails at once
+    with `Overloaded`; a call that waits longer than ``max_wait_s`` fails the same way. Once a
+    call holds the model it always runs to completion (its result is not thrown away).
+    """
+
+    def __init__(
+        self, backend: LlamaBackend, max_waiting: int | None = None, max_wait_s: float | None = None
+    ) -> None:
         self.backend = backend
         self._limiter = trio.CapacityLimiter(1)  # one llama context, one caller
         self.waiting = 0  # calls queued behind the running one (queue depth)
+        self.max_waiting = max_waiting  # None: unbounded
+        self.max_wait_s = max_wait_s  # None: wait as long as it takes
+        self.running = False
+        self._closing = False
+        self._wait_scopes: set[trio.CancelScope] = set()
 
-    async def run(self, fn: Callable[[], T]) -> T:
+    def close(self) -> None:
+        """Refuse new calls and fail the queued ones (`Overloaded`); the running call finishes."""
+        self._closing = True
+        for scope in self._wait_scopes:
+            scope.cancel()
+
+    async def _acquire(self) -> None:
+        if self._closing:
+            raise Overloaded("the node is shutting down", shutting_down=True)
+        if self.max_waiting is not None and self.waiting >= self.max_waiting and (
+            self.running or self.waiting
+        ):
+            raise Overloaded(f"the model queue is full ({self.waiting} requests waiting)")
         self.waiting += 1
+        scope = trio.CancelScope()
+        if self.max_wait_s is not None:
+            scope.deadline = trio.current_time() + self.max_wait_s
+        self._wait_scopes.add(scope)
         try:
-            await self._limiter.acquire()
+            with scope:
+                await self._limiter.acquire()
         finally:
             self.waiting -= 1
+            self._wait_scopes.discard(scope)
+        if scope.cancelled_caught:
+            if self._closing:
+                raise Overloaded("the node is shutting down", shutting_down=True)
+            raise Overloaded(f"waited more than {self.max_wait_s:g} s for the model")
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        await self._acquire()
+        self.running = True
         try:
             # Not abandoned on cancel: the thread owns the llama context until it returns.
             return await trio.to_thread.run_sync(fn, abandon_on_cancel=False)
         finally:
+            self.running = False
             self._limiter.release()
 
     async def generate(self, tokens: Sequence[int], params: SamplingParams) -> Generation:
         return await self.run(lambda: self.backend.generate(tokens, params))
+
+    async def score(self, prompt: Sequence[int], completion: Sequence[int], top_k: int = 0) -> Score:
+        """`LlamaBackend.score` on the worker thread (teacher-forced log-probs)."""
+        return await self.run(lambda: self.backend.score(prompt, completion, top_k=top_k))

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from p2pcache.cli.common import DataDirOpt, JsonOpt, fail, out_console, print_json
+from p2pcache.kv import KvChunkStore
 from p2pcache.paths import DataDir
 from p2pcache.store import Store
 
@@ -36,12 +37,29 @@ def _when(ms: int) -> str:
 
 
 @app.command()
-def stats(data_dir: DataDirOpt = None, json: JsonOpt = False) -> None:
+def stats(
+    data_dir: DataDirOpt = None,
+    json: JsonOpt = False,
+    url: Annotated[
+        Optional[str], typer.Option("--url", help="Ask the running node at this URL (/admin/cache) instead.")
+    ] = None,
+    admin_token: Annotated[
+        Optional[str], typer.Option(envvar="P2PCACHE_ADMIN_TOKEN", help="The running node's admin token.")
+    ] = None,
+) -> None:
     """Entry count, bytes, hit rate, evictions and corruption counters."""
+    if url:  # a running node holds the store: ask it
+        from p2pcache.cli.node import print_node_cache_stats
+
+        print_node_cache_stats(url.rstrip("/"), admin_token, json)
+        return
     with _open(data_dir) as store:
         s = store.stats()
+        kv = KvChunkStore(store).stats()
+    kv_doc = {**asdict(kv), "dedup_ratio": kv.dedup_ratio, "prefix_hit_rate": kv.prefix_hit_rate,
+              "token_hit_rate": kv.token_hit_rate}
     if json:
-        print_json({**asdict(s), "hit_rate": s.hit_rate})
+        print_json({**asdict(s), "hit_rate": s.hit_rate, "kv": kv_doc})
         return
     table = Table(title=f"p2pcache store {s.path}", show_header=False)
     rows = [
@@ -52,6 +70,13 @@ def stats(data_dir: DataDirOpt = None, json: JsonOpt = False) -> None:
         ("inserts", f"{s.inserts:,}"),
         ("evictions", f"{s.evictions:,}"),
         ("corrupt values dropped", f"{s.corrupt_dropped:,}"),
+        ("KV chunks", f"{kv.chunks:,}"),
+        ("KV bytes", f"{_human(kv.bytes)} of {_human(kv.size_cap)} cap"),
+        ("KV dedup ratio", f"{kv.dedup_ratio:.2f}x ({_human(kv.logical_bytes)} offered)"),
+        ("KV prefix hit rate", f"{kv.lookup_hits:,} / {kv.lookups:,} requests ({kv.prefix_hit_rate:.1%}); "
+                               f"{kv.restored_tokens:,} / {kv.lookup_tokens:,} prompt tokens restored "
+                               f"({kv.token_hit_rate:.1%})"),
+        ("KV corrupt chunks dropped", f"{kv.corrupt_dropped:,}"),
     ]
     for k, v in rows:
         table.add_row(k, v)
@@ -106,10 +131,13 @@ def purge(
         if not yes and not typer.confirm(f"Delete {what} in {store.path}?"):
             raise typer.Exit(1)
         n = store.purge(model_hash)
+        # KV chunks are addressed by hash chains, not indexed by model: purge them only with
+        # everything else (their chains already keep models apart).
+        kv_n = KvChunkStore(store).purge() if model_hash is None else 0
     if json:
-        print_json({"deleted": n})
+        print_json({"deleted": n, "kv_chunks_deleted": kv_n})
     else:
-        out_console.print(f"deleted {n} entries")
+        out_console.print(f"deleted {n} entries and {kv_n} KV chunks")
 
 
 @app.command()
@@ -124,3 +152,54 @@ def verify(data_dir: DataDirOpt = None, json: JsonOpt = False) -> None:
         out_console.print(f"{s.entries} entries ok, {dropped} corrupt dropped")
     if dropped:
         raise typer.Exit(1)
+
+
+@app.command()
+def similar(
+    prompt: Annotated[str, typer.Argument(help="Text to look up (a completion prompt, or a chat user message).")],
+    data_dir: DataDirOpt = None,
+    json: JsonOpt = False,
+    k: Annotated[int, typer.Option("-k", min=1, help="How many neighbours to show.")] = 5,
+    model_hash: Annotated[Optional[str], typer.Option(help="Only entries of this model.")] = None,
+) -> None:
+    """The L1 index's nearest cached prompts to PROMPT, with cosine similarity and the
+    gate's lexical verdict (the model part of the gate runs only when a request is served)."""
+    from p2pcache.semantic import Embedder, EmbedderUnavailable, SemanticIndex
+    from p2pcache.semantic.lexical import lexical_reject
+
+    dd = DataDir.resolve(data_dir)
+    with _open(data_dir) as store:
+        try:
+            embedder = Embedder()
+        except EmbedderUnavailable as exc:
+            raise fail(str(exc)) from None
+        directory = dd.root / "semantic"
+        models = [model_hash] if model_hash else sorted(
+            {p.stem for p in directory.glob("*.faiss")} if directory.exists() else set()
+        )
+        vec = embedder.embed_one(prompt)
+        hits = []
+        for mh in models:
+            index = SemanticIndex(store, directory, mh, embedder.dim)
+            for sim, rec in index.search(vec, k):
+                entry = store.get(rec.input_sha256)
+                if entry is None:
+                    continue
+                hits.append({
+                    "similarity": sim, "input_sha256": rec.input_sha256, "model_hash": mh,
+                    "faiss_id": rec.faiss_id, "prompt": rec.text, "answer": entry.output.text,
+                    "hits": entry.hits, "lexical": lexical_reject(prompt, rec.text) or "ok",
+                    "base_logprob": rec.base_logprob,
+                })
+            index.close()
+    hits = sorted(hits, key=lambda h: -h["similarity"])[:k]
+    if json:
+        print_json({"query": prompt, "neighbours": hits})
+        return
+    table = Table(title=f"nearest cached prompts to {prompt[:40]!r}")
+    for col in ("similarity", "key", "prompt", "answer", "lexical check"):
+        table.add_column(col, overflow="fold")
+    for h in hits:
+        table.add_row(f"{h['similarity']:.3f}", h["input_sha256"][:12], h["prompt"][:60],
+                      h["answer"].replace("\n", " ")[:50], h["lexical"])
+    out_console.print(table)

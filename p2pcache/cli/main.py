@@ -9,7 +9,7 @@ import trio
 import typer
 
 from p2pcache.backend import ModelNotFound, PromptTooLong
-from p2pcache.cli import cache
+from p2pcache.cli import cache, chat, demo, node
 from p2pcache.cli.common import DataDirOpt, JsonOpt, err_console, fail, out_console, print_json, setup_logging
 from p2pcache.cli.progress import progress_bars
 from p2pcache.keys import SamplingParams
@@ -23,6 +23,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(cache.app, name="cache")
+app.command(name="chat")(chat.chat)
+app.add_typer(node.app, name="node")
+app.command(name="demo")(demo.demo)
 
 ModelOpt = Annotated[
     Optional[Path],
@@ -42,7 +45,14 @@ def _summary(a: Answer) -> str:
         f"{t.prompt_tokens} prompt + {t.completion_tokens} completion tokens",
     ]
     if a.cache_level == "L3":
+        if t.cached_prompt_tokens:
+            parts.append(f"{t.cached_prompt_tokens} prompt tokens restored from stored KV")
         parts += [f"prefill {t.prefill_ms:.0f} ms", f"decode {t.decode_ms:.0f} ms"]
+    if a.cache_level == "L1":  # a paraphrase's answer: say how similar and what the gate saw
+        gate = a.details.get("gate") or {}
+        parts.append(f"similarity {a.details.get('similarity', 0):.3f}")
+        if gate.get("delta") is not None:
+            parts.append(f"gate Δlogprob {gate['delta']:+.2f}/token")
     parts += [f"total {t.total_ms:.2f} ms", f"key {a.input_sha256[:12]}"]
     return " · ".join(parts)
 
@@ -64,6 +74,10 @@ def generate(
     share: Annotated[
         bool, typer.Option("--share/--private", help="Let peers have this entry (default: private).")
     ] = False,
+    semantic: Annotated[
+        bool, typer.Option("--semantic", help="Allow L1: reuse a paraphrase's answer if the quality gate agrees.")
+    ] = False,
+    tau: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="L1 similarity threshold.")] = None,
     n_ctx: Annotated[int, typer.Option("--n-ctx", min=256, help="Context window in tokens.")] = 8192,
     data_dir: DataDirOpt = None,
     json: JsonOpt = False,
@@ -80,15 +94,15 @@ def generate(
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}
         ]
-        request = Request(messages=tuple(messages), params=params, share=share)
+        request = Request(messages=tuple(messages), params=params, share=share, semantic=semantic)
     elif system:
         raise fail("--system needs --chat")
     else:
-        request = Request(prompt=prompt, params=params, share=share)
+        request = Request(prompt=prompt, params=params, share=share, semantic=semantic)
 
     try:
         with progress_bars(err_console) as progress, err_console.status("Loading model…"):
-            node = LocalNode.open(NodeOptions(data_dir=data_dir, model=model, n_ctx=n_ctx), progress)
+            node = LocalNode.open(NodeOptions(data_dir=data_dir, model=model, n_ctx=n_ctx, semantic=semantic, semantic_tau=tau), progress)
     except ModelNotFound as exc:
         raise fail(str(exc)) from None
     with node:

@@ -11,8 +11,9 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+import lmdb
 import trio
 
 from p2pcache.backend import BackendWorker
@@ -20,6 +21,9 @@ from p2pcache.identity import Identity
 from p2pcache.keys import input_sha256
 from p2pcache.resolver.types import Answer, Level, Request, Timings
 from p2pcache.store import Entry, Output, Store, StoreError
+
+if TYPE_CHECKING:
+    from p2pcache.kv import KvPrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,9 @@ class Keyed:
 
 
 class Tier(Protocol):
+    """A rung of the ladder. It may also define ``async on_stored(keyed, entry)``, called
+    after an L3 result is stored (L1 uses it to index the prompt's embedding)."""
+
     level: Level
 
     async def lookup(self, keyed: Keyed) -> Answer | None: ...
@@ -94,6 +101,8 @@ class Resolver:
         self.tiers: list[Tier] = [ExactTier(store), *tiers]
         self._flights: dict[str, _Flight] = {}
         self.computations = 0  # L3 runs, for tests and metrics
+        # L3 resumes from stored KV prefixes when set (LocalNode sets it; p2pcache.kv).
+        self.kv: KvPrefixCache | None = None
 
     def keyed(self, request: Request) -> Keyed:
         backend = self.worker.backend
@@ -143,7 +152,17 @@ class Resolver:
         """L3: run the model, then store the result (a failed write never loses the answer)."""
         params = keyed.request.params
         self.computations += 1
-        gen = await self.worker.generate(keyed.tokens, params)
+        cached_tokens = 0
+        kv = self.kv
+        if kv is not None:  # resume from the longest stored prefix, store the new chunks
+            pg = await self.worker.run(lambda: kv.generate(keyed.tokens, params))
+            gen, cached_tokens = pg.generation, pg.cached_tokens
+            try:  # off the model thread: the next request can run meanwhile
+                await trio.to_thread.run_sync(kv.store, pg.pending)
+            except lmdb.Error as exc:
+                log.warning("KV chunks for %s not stored: %s", keyed.key[:12], exc)
+        else:
+            gen = await self.worker.generate(keyed.tokens, params)
         entry = Entry(
             input_sha256=keyed.key,
             model_hash=keyed.model_hash,
@@ -160,6 +179,14 @@ class Resolver:
             await trio.to_thread.run_sync(self.store.put, entry)
         except StoreError as exc:
             log.warning("answer for %s not cached: %s", keyed.key[:12], exc)
+        else:
+            for tier in self.tiers:  # e.g. L1 indexes the new entry's prompt embedding
+                on_stored = getattr(tier, "on_stored", None)
+                if on_stored is not None:
+                    try:
+                        await on_stored(keyed, entry)
+                    except Exception:
+                        log.exception("%s could not index %s", tier.level, keyed.key[:12])
         return Answer(
             text=gen.text,
             tokens=gen.tokens,
@@ -171,6 +198,7 @@ class Resolver:
                 prefill_ms=gen.prefill_ms,
                 decode_ms=gen.decode_ms,
                 prompt_tokens=gen.prompt_tokens,
+                cached_prompt_tokens=cached_tokens,
                 completion_tokens=len(gen.tokens),
             ),
         )

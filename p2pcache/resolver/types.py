@@ -18,6 +18,7 @@ class Request:
     messages: tuple[dict[str, Any], ...] | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     share: bool = False  # False: the entry never leaves this node
+    semantic: bool = False  # True: a paraphrase's cached answer may serve it (L1, gated)
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):

@@ -1,0 +1,184 @@
+"""L1 semantic tier on the labelled pairs of tests/data/semantic_pairs.jsonl (issue 5).
+
+1. End to end at the defaults: a semantic node (real Gemma 3 270M, real MiniLM, FAISS, LMDB)
+   answers every cached prompt (L3, indexed), then every paraphrase and near-miss query with
+   ``Request(semantic=True)``: how many are served from L1, and how many of those are wrong.
+2. Pairwise sweep: for each pair (cache holds ``cached``, request is ``query``) the cosine
+   similarity, the lexical verdict and the gate's log-prob delta; then precision, recall and
+   false-hit rates for tau in a sweep, without the gate, lexical only, model only and both.
+3. Gate cost: the gate's time (embed + search + teacher-forced prefill) against generating the
+   answer, for the QA answers of the set and for 64-token answers.
+
+Usage: flock /tmp/p2pcache-bench.lock .venv/bin/python bench/bench_semantic.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import trio
+
+from p2pcache import LocalNode, NodeOptions, Request, SamplingParams
+from p2pcache.semantic.gate import DEFAULT_MARGIN
+from p2pcache.semantic.lexical import lexical_reject
+from p2pcache.semantic.tier import DEFAULT_TAU
+
+PAIRS = Path(__file__).resolve().parent.parent / "tests" / "data" / "semantic_pairs.jsonl"
+PARAMS = SamplingParams(max_tokens=48, stop=("\n",))
+
+
+def qa(text: str) -> str:
+    return f"Question: {text}\nAnswer:"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--limit", type=int, default=0, help="only the first N pairs of each label")
+    args = ap.parse_args()
+    pairs = [json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()]
+    if args.limit:
+        by: dict[str, list] = {}
+        for p in pairs:
+            by.setdefault(p["label"], []).append(p)
+        pairs = [p for v in by.values() for p in v[: args.limit]]
+    cached_texts = sorted({p["cached"] for p in pairs})
+    tmp = Path(tempfile.mkdtemp(prefix="bench-semantic-"))
+    node = LocalNode.open(NodeOptions(data_dir=tmp, semantic=True, n_ctx=2048, durable=False))
+    tier = node.semantic
+    assert tier is not None
+    counts = ", ".join(f"{k} {sum(p['label'] == k for p in pairs)}" for k in ("paraphrase", "unrelated", "near_miss"))
+    print(f"pairs: {len(pairs)} ({counts}); "
+          f"cached prompts: {len(cached_texts)}; tau {tier.config.tau}, margin {tier.config.margin}")
+
+    # -- 1. fill the cache (L3), then end-to-end lookups at the defaults -----------------
+    gen_ms: dict[str, float] = {}
+    answers: dict[str, list[int]] = {}
+    for text in cached_texts:
+        a = trio.run(node.resolve, Request(prompt=qa(text), params=PARAMS, semantic=True))
+        assert a.cache_level == "L3", a.cache_level
+        gen_ms[text] = a.timings.prefill_ms + a.timings.decode_ms
+        answers[text] = a.tokens
+    rec_of = {r.text: r for r in tier.index.records()}
+    e2e = {"paraphrase": [0, 0, 0], "near_miss": [0, 0, 0]}  # served right, served wrong, total
+    l1_ms = []
+    for p in pairs:
+        if p["label"] == "unrelated":
+            continue  # its query is another pair's paraphrase: counted there
+        t0 = time.perf_counter()
+        a = trio.run(node.resolve, Request(prompt=qa(p["query"]), params=PARAMS, semantic=True))
+        row = e2e[p["label"]]
+        row[2] += 1
+        if a.cache_level == "L1":
+            l1_ms.append((time.perf_counter() - t0) * 1000)
+            right = p["label"] == "paraphrase" and a.details["source_prompt"] == qa(p["cached"])
+            row[0 if right else 1] += 1
+        # drop the query's own L3 entry so later queries see only the cached prompts
+        if a.cache_level == "L3":
+            node.store.delete(a.input_sha256)
+            tier.index.forget(a.input_sha256)
+    print("\n## End to end at the defaults (all cached prompts in one index)\n")
+    print("| queries | served from L1 | served the right answer | served a wrong answer |")
+    print("|---|---:|---:|---:|")
+    for label, (ok, bad, n) in e2e.items():
+        print(f"| {label} ({n}) | {ok + bad} ({(ok + bad) / n:.1%}) | {ok} ({ok / n:.1%}) | {bad} ({bad / n:.1%}) |")
+    if l1_ms:
+        print(f"\nL1 hit latency (resolve, incl. embed + search + gate): median {statistics.median(l1_ms):.0f} ms")
+
+    # -- 2. pairwise scores ------------------------------------------------------------
+    emb = tier.embedder
+    rows = []
+    gate_ms = []
+    for p in pairs:
+        rec = rec_of[qa(p["cached"])]
+        t0 = time.perf_counter()
+        qv = emb.embed_one(qa(p["query"]))
+        sim = float(np.dot(qv, rec.vec()))
+        embed_ms = (time.perf_counter() - t0) * 1000
+        lex = lexical_reject(qa(p["query"]), rec.text)
+        q_tokens = node.backend.tokenize(qa(p["query"]))
+        ans = answers[p["cached"]][: rec.gate_tokens]
+        if ans:
+            s = node.backend.score(q_tokens, ans)
+            delta, agree, score_ms = s.mean_logprob - rec.base_logprob, s.argmax_agreement, s.ms
+        else:
+            delta, agree, score_ms = float("-inf"), 0.0, 0.0
+        gate_ms.append((embed_ms + score_ms, gen_ms[p["cached"]]))
+        rows.append({**p, "sim": sim, "lex": lex, "delta": delta, "agree": agree})
+    (tmp / "pair_scores.json").write_text(json.dumps(rows, indent=1, default=str))
+
+    def rates(tau: float, mode: str, margin: float = DEFAULT_MARGIN) -> dict[str, float]:
+        served = {"paraphrase": 0, "unrelated": 0, "near_miss": 0}
+        total = {"paraphrase": 0, "unrelated": 0, "near_miss": 0}
+        for r in rows:
+            total[r["label"]] += 1
+            ok = r["sim"] >= tau
+            if mode in ("lexical", "both"):
+                ok = ok and r["lex"] is None
+            if mode in ("model", "both"):
+                ok = ok and r["delta"] >= -margin
+            served[r["label"]] += ok
+        tp = served["paraphrase"]
+        fp = served["unrelated"] + served["near_miss"]
+        return {
+            "precision": tp / (tp + fp) if tp + fp else 1.0,
+            "recall": tp / total["paraphrase"],
+            "fh_near": served["near_miss"] / total["near_miss"],
+            "fh_unrel": served["unrelated"] / total["unrelated"],
+        }
+
+    print("\n## Pairwise sweep (cache holds the pair's prompt, the query asks the other)\n")
+    print(f"margin {DEFAULT_MARGIN} nats/token for the model gate\n")
+    print("| tau | gate | precision | paraphrases served (recall) | false hits, near-misses | false hits, unrelated |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for tau in (0.60, 0.70, 0.75, 0.80, 0.85, 0.90, 0.95):
+        for mode in ("none", "lexical", "model", "both"):
+            r = rates(tau, mode)
+            mark = " **(default)**" if abs(tau - DEFAULT_TAU) < 1e-9 and mode == "both" else ""
+            print(f"| {tau:.2f} | {mode}{mark} | {r['precision']:.1%} | {r['recall']:.1%} | {r['fh_near']:.1%} | {r['fh_unrel']:.1%} |")
+    print(f"\n### Margin sweep at tau {DEFAULT_TAU} (gate: lexical + model)\n")
+    print("| margin | precision | recall | false hits, near-misses |")
+    print("|---:|---:|---:|---:|")
+    for margin in (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 1e9):
+        r = rates(DEFAULT_TAU, "both", margin)
+        print(f"| {'inf' if margin > 1e8 else margin} | {r['precision']:.1%} | {r['recall']:.1%} | {r['fh_near']:.1%} |")
+    near = [r for r in rows if r["label"] == "near_miss" and r["sim"] >= DEFAULT_TAU]
+    print(f"\nNear-misses above tau {DEFAULT_TAU}: {len(near)}; caught by lexical {sum(r['lex'] is not None for r in near)}, "
+          f"by the model only {sum(r['lex'] is None and r['delta'] < -DEFAULT_MARGIN for r in near)}, "
+          f"passed both {sum(r['lex'] is None and r['delta'] >= -DEFAULT_MARGIN for r in near)}")
+    for r in near:
+        if r["lex"] is None and r["delta"] >= -DEFAULT_MARGIN:
+            print(f"  passed: [{r['kind']}] {r['cached']!r} -> {r['query']!r} sim {r['sim']:.3f} delta {r['delta']:.2f}")
+
+    # -- 3. gate cost ------------------------------------------------------------------
+    ratios = [g / max(gen, 1e-9) for g, gen in gate_ms]
+    print("\n## Gate cost\n")
+    print("| answers | median answer tokens | median generation ms | median gate ms | median gate / generation |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| QA set (stop at newline, <=48 tokens) | {statistics.median(len(v) for v in answers.values()):.0f} | "
+          f"{statistics.median(gen for _, gen in gate_ms):.0f} | {statistics.median(g for g, _ in gate_ms):.0f} | {statistics.median(ratios):.2f} |")
+    long_params = SamplingParams(max_tokens=64)
+    long_rows = []
+    for text in cached_texts[:8]:
+        toks = node.backend.tokenize(qa(text))
+        t0 = time.perf_counter()
+        g = node.backend.generate(toks, long_params)
+        gen = (time.perf_counter() - t0) * 1000
+        t0 = time.perf_counter()
+        emb.embed_one(qa(text))
+        s = node.backend.score(toks, g.tokens[: tier.config.gate_tokens])
+        long_rows.append((len(g.tokens), gen, (time.perf_counter() - t0) * 1000))
+    print(f"| 64-token answers (8 prompts, gate scores the first {tier.config.gate_tokens}) | "
+          f"{statistics.median(r[0] for r in long_rows):.0f} | {statistics.median(r[1] for r in long_rows):.0f} | "
+          f"{statistics.median(r[2] for r in long_rows):.0f} | {statistics.median(r[2] / r[1] for r in long_rows):.2f} |")
+    node.close()
+    print(f"\n(scores per pair: {tmp / 'pair_scores.json'})")
+
+
+if __name__ == "__main__":
+    main()

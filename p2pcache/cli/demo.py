@@ -1,0 +1,165 @@
+"""`p2pcache demo`: three local nodes, a short workload, and where each answer came from."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from p2pcache.cli.common import err_console, fail, out_console
+
+LEVEL_STYLE = {"L0": "green", "L1": "cyan", "L2": "magenta", "L3": "yellow"}
+LEVEL_NOTE = {"L0": "local cache", "L1": "similar prompt", "L2": "from a peer", "L3": "computed"}
+
+
+def _ask(client: Any, url: str, model: str, prompt: str, max_tokens: int, chat: bool = True,
+         stream: bool = False) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "share": True, "stream": stream}
+    if chat:
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    t0 = time.perf_counter()
+    if not stream:
+        r = client.post(url + path, json=body)
+        ms = (time.perf_counter() - t0) * 1000
+        if r.status_code != 200:
+            raise RuntimeError(f"{url}{path} answered {r.status_code}: {r.text[:300]}")
+        doc = r.json()
+        choice = doc["choices"][0]
+        text = choice["message"]["content"] if chat else choice["text"]
+        return {"level": doc["x_cache"]["level"], "ms": ms, "text": text, "x": doc["x_cache"]}
+    import json
+
+    parts, x, first_ms = [], None, None
+    with client.stream("POST", url + path, json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{url}{path} answered {r.status_code}: {r.read()[:300]!r}")
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            first_ms = first_ms or (time.perf_counter() - t0) * 1000
+            x = chunk["x_cache"]
+            for c in chunk["choices"]:
+                parts.append((c.get("delta") or {}).get("content") or c.get("text") or "")
+    return {"level": x["level"] if x else "?", "ms": (time.perf_counter() - t0) * 1000, "text": "".join(parts), "x": x}
+
+
+def demo(
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Keep the nodes' data here (DIR/node-1 ...); default: a fresh temporary dir, deleted afterwards.")] = None,
+    nodes: Annotated[int, typer.Option("--nodes", min=2, max=8, help="How many local nodes to start.")] = 3,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, max=256, help="Tokens per answer at most.")] = 24,
+    timeout: Annotated[float, typer.Option("--timeout", min=10, help="Give up after this many seconds in all.")] = 600.0,
+) -> None:
+    """Start local nodes, send a short workload, and print where each answer came from.
+
+    Each node is a separate `p2pcache node run` process on 127.0.0.1 with its own data dir.
+    The workload repeats questions on one node (L0), asks another node a question the first
+    already answered (L2 once nodes share entries over the network, else L3), and sends
+    identical requests at once (computed once: single-flight).
+    """
+    import httpx
+
+    from p2pcache.node.cluster import NodeStartError, start_node, stop_all, wait_ready
+
+    deadline = time.monotonic() + timeout
+    tmp = None
+    if data_dir is None:
+        tmp = Path(tempfile.mkdtemp(prefix="p2pcache-demo-"))
+        root = tmp
+    else:
+        root = data_dir.expanduser()
+        root.mkdir(parents=True, exist_ok=True)
+    procs = []
+    try:
+        with err_console.status(f"Starting {nodes} nodes in {root} ..."):
+            t0 = time.perf_counter()
+            first = start_node("node-1", root / "node-1", wait=False)
+            procs.append(first)
+            wait_ready(first, timeout=max(1.0, deadline - time.monotonic()))
+            for i in range(2, nodes + 1):
+                procs.append(start_node(f"node-{i}", root / f"node-{i}", wait=False,
+                                        extra=("--bootstrap-http", first.url, "--log-level", "warning")))
+            for p in procs[1:]:
+                wait_ready(p, timeout=max(1.0, deadline - time.monotonic()))
+        out_console.print(f"{nodes} nodes ready in {time.perf_counter() - t0:.1f} s (data in {root}):")
+        for p in procs:
+            out_console.print(f"  {p.name}  {p.url}  peer {p.peer_id[:16]}…  pid {p.proc.pid}")
+        model = procs[0].ready["model"]
+        networked = any(p.ready.get("addrs") for p in procs)
+        n1, n2, n3 = procs[0], procs[1], procs[2 % len(procs)]
+
+        rows: list[tuple[str, str, str, dict[str, Any]]] = []
+        q1 = "Explain what a KV cache is in one sentence."
+        q2 = "Name three primary colors."
+        q3 = "The capital of France is"
+        per_request_timeout = httpx.Timeout(max(5.0, min(300.0, deadline - time.monotonic())))
+        with httpx.Client(timeout=per_request_timeout) as client:
+            def step(node: Any, what: str, prompt: str, **kw: Any) -> None:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the demo ran past --timeout {timeout:.0f} s")
+                with err_console.status(f"{node.name}: {what} …"):
+                    rows.append((node.name, what, prompt, _ask(client, node.url, model, prompt, max_tokens, **kw)))
+
+            step(n1, "Q1", q1)
+            step(n1, "Q1 again", q1)
+            step(n2, "Q1 (other node)", q1)
+            step(n2, "Q3 completion", q3, chat=False)
+            step(n2, "Q3 again", q3, chat=False)
+            k = 8
+            with err_console.status(f"{n3.name}: {k} identical requests at once …"):
+                with ThreadPoolExecutor(k) as pool:
+                    futures = [pool.submit(_ask, client, n3.url, model, q2, max_tokens) for _ in range(k)]
+                    results = [f.result(timeout=max(1.0, deadline - time.monotonic())) for f in futures]
+            for i, r in enumerate(results):
+                rows.append((n3.name, f"Q2 at once {i + 1}/{k}", q2, r))
+            step(n3, "Q2 streamed", q2, stream=True)
+
+        out_console.print(f"Q1 (chat): {q1}\nQ2 (chat): {q2}\nQ3 (completion): {q3}")
+        table = Table(title="Where each answer came from")
+        for col, just in (("#", "right"), ("node", "left"), ("request", "left"), ("level", "left"),
+                          ("ms", "right"), ("tokens", "right"), ("answer", "left")):
+            table.add_column(col, justify=just, no_wrap=col != "answer", overflow="fold" if col == "answer" else "ellipsis")
+        for i, (node, what, prompt, r) in enumerate(rows, 1):
+            lvl = r["level"]
+            note = LEVEL_NOTE.get(lvl, "")
+            if r["x"] and r["x"].get("single_flight"):
+                note = "single-flight"
+            text = " ".join(r["text"].split())
+            table.add_row(
+                str(i), node, what, f"[{LEVEL_STYLE.get(lvl, 'white')}]{lvl}[/] {note}",
+                f"{r['ms']:.1f}", str(r["x"]["timings"]["completion_tokens"] if r["x"] else "?"),
+                text[:40] + ("…" if len(text) > 40 else ""),
+            )
+        out_console.print(table)
+        computed = sum(1 for *_, r in rows if r["level"] == "L3")
+        l0 = [r["ms"] for *_, r in rows if r["level"] == "L0" and not (r["x"] or {}).get("single_flight")]
+        l3 = [r["ms"] for *_, r in rows if r["level"] == "L3"]
+        out_console.print(
+            f"{len(rows)} answers, {computed} computed by a model (L3); "
+            + (f"L0 hits took {min(l0):.1f}-{max(l0):.1f} ms, L3 answers {min(l3):.0f}-{max(l3):.0f} ms." if l0 and l3 else "")
+        )
+        if not networked:
+            out_console.print(
+                "[dim]These nodes run without the network layer (no p2p addresses), so node-2 computed "
+                "node-1's question itself (L3); with it, that answer comes from the peer (L2).[/]"
+            )
+    except (NodeStartError, RuntimeError, TimeoutError, httpx.HTTPError) as exc:
+        raise fail(str(exc)) from None
+    finally:
+        if procs:
+            with err_console.status("Stopping nodes …"):
+                codes = stop_all(procs)
+            bad = {k: v for k, v in codes.items() if v != 0}
+            if bad:
+                err_console.print(f"[red]nodes that did not stop cleanly: {bad}[/]")
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,274 @@
+"""KV chunks in named databases of the node's LMDB environment (`Store.env`).
+
+- ``kv_chunks``: chunk hash (32 bytes) -> ``version | xxh3-128(hash || payload) | u32 tokens |
+  payload``. The checksum is xxh3 rather than blake2b because a 2k-token restore reads ~38 MB
+  and blake2b alone would take ~50 ms of a ~100 ms budget (xxh3: ~4 ms). It guards against
+  corruption; trust in a peer's chunks is the reputation layer's job.
+- ``kv_use``:    chunk hash -> u64 last use (ms). Eviction drops the least recently used
+  chunks first. Uses are buffered in memory and written with the next store (a restore must
+  not pay an fsync).
+- ``kv_meta``:   counters, updated in the same transaction as the data they count.
+
+Dropping a chunk in the middle of a chain only shortens the prefixes found through it: a
+lookup walks the chain from the start and stops at the first missing or corrupt chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import lmdb
+import xxhash
+
+from p2pcache.store import Store
+from p2pcache.store.records import now_ms
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_VERSION = 1
+_HEAD = struct.Struct("<B16sI")
+
+COUNTERS = (
+    "chunks", "bytes", "chunk_puts", "logical_bytes", "evictions", "corrupt_dropped",
+    "lookups", "lookup_hits", "lookup_tokens", "restored_tokens",
+)
+
+
+class CorruptChunk(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class KvStats:
+    chunks: int
+    bytes: int
+    chunk_puts: int  # chunks offered for storage (new or already present)
+    logical_bytes: int  # bytes those offers would have taken without dedup
+    evictions: int
+    corrupt_dropped: int
+    lookups: int  # L3 requests that looked for a stored prefix
+    lookup_hits: int  # ... and restored one
+    lookup_tokens: int  # prompt tokens those requests had
+    restored_tokens: int  # ... of which came from stored chunks
+    size_cap: int
+
+    @property
+    def dedup_ratio(self) -> float:
+        return self.logical_bytes / self.bytes if self.bytes else 1.0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.lookup_hits / self.lookups if self.lookups else 0.0
+
+    @property
+    def token_hit_rate(self) -> float:
+        return self.restored_tokens / self.lookup_tokens if self.lookup_tokens else 0.0
+
+
+def _u64(v: bytes | None) -> int:
+    return int.from_bytes(v, "little") if v else 0
+
+
+def frame(h: bytes, n_tokens: int, payload: bytes | memoryview) -> bytes:
+    digest = xxhash.xxh3_128(h)
+    digest.update(payload)
+    return _HEAD.pack(_VERSION, digest.digest(), n_tokens) + bytes(payload)
+
+
+def unframe(h: bytes, raw: bytes | memoryview) -> memoryview:
+    mv = memoryview(raw)
+    if len(mv) < _HEAD.size:
+        raise CorruptChunk("chunk shorter than its header")
+    version, digest, _ = _HEAD.unpack_from(mv, 0)
+    if version != _VERSION:
+        raise CorruptChunk(f"unknown chunk version {version}")
+    payload = mv[_HEAD.size :]
+    check = xxhash.xxh3_128(h)
+    check.update(payload)
+    if check.digest() != digest:
+        raise CorruptChunk("checksum mismatch")
+    return payload
+
+
+class KvChunkStore:
+    """Chunk payloads by hash, with a byte cap of its own (LRU eviction)."""
+
+    def __init__(self, store: Store, size_cap: int | None = None) -> None:
+        self.store = store
+        self.env = store.env
+        # Default: half the store's cap, so entries and chunks together stay well inside the
+        # LMDB map (2x the store cap).
+        self.size_cap = int(size_cap if size_cap is not None else store.size_cap // 2)
+        self._chunks = self.env.open_db(b"kv_chunks")
+        self._use = self.env.open_db(b"kv_use")
+        self._meta = self.env.open_db(b"kv_meta")
+        self._lock = threading.Lock()
+        self._pending_use: dict[bytes, int] = {}
+        self._pending_counts: dict[str, int] = {}
+
+    # -- reads -------------------------------------------------------------------------
+    def read_prefix(
+        self, hashes: Sequence[bytes], expected_bytes: int, consume: Callable[[list[memoryview]], T]
+    ) -> tuple[int, T | None]:
+        """Find the longest run of chunks 0..n-1 that are present and intact and hand their
+        payloads to ``consume`` while the read transaction is open (zero-copy views of the
+        memory map: a restore copies each byte once, into llama.cpp's state buffer).
+        A corrupt chunk (or one of the wrong size) is dropped and ends the prefix there.
+        Returns (n, consume's result), or (0, None) when no chunk was found."""
+        bad: list[tuple[bytes, str]] = []
+        result: T | None = None
+        with self.env.begin(db=self._chunks, buffers=True) as txn:
+            payloads: list[memoryview] = []
+            for h in hashes:
+                raw = txn.get(h)
+                if raw is None:
+                    break
+                try:
+                    payload = unframe(h, raw)
+                    if len(payload) != expected_bytes:
+                        raise CorruptChunk(f"{len(payload)} payload bytes, expected {expected_bytes}")
+                except CorruptChunk as exc:
+                    bad.append((h, str(exc)))
+                    break
+                payloads.append(payload)
+            n = len(payloads)
+            if n:
+                result = consume(payloads)
+            del payloads  # views into the map must not outlive the transaction
+        for h, reason in bad:
+            self._drop_corrupt(h, reason)
+        if n:
+            t = now_ms()
+            with self._lock:
+                for h in hashes[:n]:
+                    self._pending_use[h] = t
+        return n, result
+
+    def present(self, hashes: Sequence[bytes]) -> list[bool]:
+        with self.env.begin(db=self._chunks) as txn:
+            return [txn.get(h) is not None for h in hashes]
+
+    def count_lookup(self, prompt_tokens: int, restored_tokens: int) -> None:
+        with self._lock:
+            c = self._pending_counts
+            c["lookups"] = c.get("lookups", 0) + 1
+            c["lookup_hits"] = c.get("lookup_hits", 0) + (1 if restored_tokens else 0)
+            c["lookup_tokens"] = c.get("lookup_tokens", 0) + prompt_tokens
+            c["restored_tokens"] = c.get("restored_tokens", 0) + restored_tokens
+
+    # -- writes ------------------------------------------------------------------------
+    def put_many(self, chunks: Sequence[tuple[bytes, int, bytes | memoryview]], offered_bytes: int) -> int:
+        """Store new chunks (hash, n_tokens, payload) in one transaction; counts
+        ``offered_bytes`` (every chunk of the prefix, stored or already present) towards the
+        dedup ratio. Returns bytes added. Raises lmdb.Error; the caller logs and goes on."""
+        with self._lock:
+            uses, self._pending_use = self._pending_use, {}
+            counts, self._pending_counts = self._pending_counts, {}
+        framed = [(h, frame(h, n, p)) for h, n, p in chunks]
+        need = sum(len(v) for _, v in framed)
+        for attempt in range(2):
+            try:
+                return self._put(framed, need, uses, counts, len(chunks), offered_bytes, attempt > 0)
+            except lmdb.MapFullError:
+                log.warning("LMDB map full while storing KV chunks; evicting harder")
+        return 0
+
+    def _put(
+        self,
+        framed: list[tuple[bytes, bytes]],
+        need: int,
+        uses: dict[bytes, int],
+        counts: dict[str, int],
+        n_offered: int,
+        offered_bytes: int,
+        aggressive: bool,
+    ) -> int:
+        added = 0
+        t = now_ms()
+        with self.env.begin(write=True) as txn:
+            for h, at in uses.items():
+                if txn.get(h, db=self._chunks) is not None:
+                    txn.put(h, at.to_bytes(8, "little"), db=self._use)
+            for name, delta in counts.items():
+                self._add(txn, name, delta)
+            self._make_room(txn, need, aggressive)
+            for h, value in framed:
+                if txn.get(h, db=self._chunks) is not None:
+                    txn.put(h, t.to_bytes(8, "little"), db=self._use)
+                    continue
+                txn.put(h, value, db=self._chunks)
+                txn.put(h, t.to_bytes(8, "little"), db=self._use)
+                self._add(txn, "chunks", 1)
+                self._add(txn, "bytes", len(value))
+                added += len(value)
+            self._add(txn, "chunk_puts", n_offered)
+            self._add(txn, "logical_bytes", offered_bytes)
+        return added
+
+    def flush(self) -> None:
+        """Write buffered uses and lookup counters (statistics only)."""
+        try:
+            self.put_many([], 0)
+        except lmdb.Error as exc:
+            log.warning("could not record kv statistics: %s", exc)
+
+    def purge(self) -> int:
+        with self.env.begin(write=True) as txn:
+            n = _u64(txn.get(b"chunks", db=self._meta))
+            txn.drop(self._chunks, delete=False)
+            txn.drop(self._use, delete=False)
+            txn.drop(self._meta, delete=False)
+        return n
+
+    def stats(self) -> KvStats:
+        self.flush()
+        with self.env.begin(db=self._meta) as txn:
+            c = {name: _u64(txn.get(name.encode())) for name in COUNTERS}
+        return KvStats(size_cap=self.size_cap, **c)
+
+    # -- internals ---------------------------------------------------------------------
+    def _add(self, txn: lmdb.Transaction, name: str, delta: int) -> None:
+        if delta:
+            key = name.encode()
+            txn.put(key, max(0, _u64(txn.get(key, db=self._meta)) + delta).to_bytes(8, "little"), db=self._meta)
+
+    def _make_room(self, txn: lmdb.Transaction, need: int, aggressive: bool = False) -> None:
+        total = _u64(txn.get(b"bytes", db=self._meta))
+        cap = int(total * 0.75) if aggressive else self.size_cap  # map full: free a quarter
+        if total + need <= cap:
+            return
+        # Least recently used first. A full scan of kv_use: chunks are large (hundreds of KB),
+        # so even a big store has few of them, and eviction is rare.
+        by_age = sorted(((_u64(v), bytes(k)) for k, v in txn.cursor(db=self._use)))
+        for _, h in by_age:
+            if total + need <= cap:
+                break
+            raw = txn.get(h, db=self._chunks)
+            txn.delete(h, db=self._use)
+            if raw is None:
+                continue
+            txn.delete(h, db=self._chunks)
+            total -= len(raw)
+            self._add(txn, "chunks", -1)
+            self._add(txn, "bytes", -len(raw))
+            self._add(txn, "evictions", 1)
+
+    def _drop_corrupt(self, h: bytes, reason: str) -> None:
+        log.error("corrupt KV chunk %s dropped (%s); prefilling instead", h.hex()[:16], reason)
+        try:
+            with self.env.begin(write=True) as txn:
+                raw = txn.get(h, db=self._chunks)
+                if raw is not None:
+                    txn.delete(h, db=self._chunks)
+                    txn.delete(h, db=self._use)
+                    self._add(txn, "chunks", -1)
+                    self._add(txn, "bytes", -len(raw))
+                    self._add(txn, "corrupt_dropped", 1)
+        except lmdb.Error as exc:
+            log.warning("could not drop corrupt chunk: %s", exc)

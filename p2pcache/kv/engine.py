@@ -1,0 +1,363 @@
+"""Generation that resumes from the longest stored KV prefix and stores new prefix chunks.
+
+Runs on the backend's worker thread (it drives the llama context directly); see
+`KvPrefixCache.generate`. The decode loop mirrors `LlamaBackend.generate` exactly (same
+sampler chain, stop handling and finish reasons), so a request answers the same with or
+without a stored prefix: resumed greedy output equals the cold run, token for token (tested).
+
+Why rows and not whole states: Gemma 3's sliding-window layers keep only the last n_swa
+positions, so a state saved at position P cannot be cut back to an earlier boundary, and a
+whole state per boundary would store the shared prefix again for every request. Instead every
+chunk holds the K/V rows of its own tokens for *all* layers; the rows of the windowed layers
+are captured while they are still inside the window (a partial, SWA-only state read every
+`capture_every` tokens, which the prefill batches are aligned to). A restore to boundary P
+assembles a state from chunks 0..P/C-1: all rows for the full-attention layers, the last
+n_swa rows for the windowed ones. See docs/architecture.md ("KV prefixes").
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import llama_cpp
+import numpy as np
+
+from p2pcache.backend.llama_backend import Generation, LlamaBackend
+from p2pcache.keys import SamplingParams
+from p2pcache.kv.chain import KvConfig, chunk_hashes
+from p2pcache.kv.chunk_store import KvChunkStore
+from p2pcache.kv.state_format import (
+    Section,
+    StateBuffer,
+    StateFormatError,
+    StateLayout,
+    build_state,
+    parse_state,
+)
+
+log = logging.getLogger(__name__)
+
+GGML_TYPE_NAMES = {0: "f32", 1: "f16", 2: "q4_0", 8: "q8_0", 30: "bf16"}
+GGML_TYPES = {v: k for k, v in GGML_TYPE_NAMES.items()}
+
+
+@dataclass(frozen=True)
+class KvPolicy:
+    """Which prefix boundaries get stored.
+
+    Every full chunk of what the context evaluated is offered (prompt, and with
+    ``store_generated`` the answer too: the next chat turn re-sends it), up to
+    ``max_store_tokens``; chunks already stored cost nothing (dedup by hash). A partial last
+    chunk is never stored: at most ``chunk_tokens - 1`` tokens are prefilled again.
+    """
+
+    chunk_tokens: int = 16
+    store_generated: bool = True
+    max_store_tokens: int | None = None  # None: the whole context
+    enabled: bool = True
+
+
+@dataclass
+class PendingChunks:
+    """New chunks captured by a generation, to be written off the model thread."""
+
+    chunks: list[tuple[bytes, int, bytes]] = field(default_factory=list)
+    offered_bytes: int = 0  # bytes of every chunk of the prefix, new or already stored
+
+    @property
+    def new_bytes(self) -> int:
+        return sum(len(p) for _, _, p in self.chunks)
+
+
+@dataclass(frozen=True)
+class PrefixGeneration:
+    generation: Generation
+    cached_tokens: int  # prompt tokens restored from stored chunks
+    restore_ms: float
+    pending: PendingChunks
+
+
+class KvPrefixCache:
+    """KV prefix reuse for one backend. ``enabled`` is False when the model's state layout
+    is not one we can cut (then `generate` is plain cold generation)."""
+
+    def __init__(self, backend: LlamaBackend, chunks: KvChunkStore, model_hash: str, policy: KvPolicy = KvPolicy()) -> None:
+        self.backend = backend
+        self.chunks = chunks
+        self.policy = policy
+        self.buf = StateBuffer()
+        llm = backend.llm
+        self._ctx = llm._ctx.ctx
+        self.n_swa = int(llama_cpp.llama_model_n_swa(llm._model.model))
+        self.n_batch = backend.config.n_batch
+        c = policy.chunk_tokens
+        if c <= 0 or self.n_batch % c:
+            raise ValueError(f"chunk_tokens ({c}) must divide n_batch ({self.n_batch})")
+        # Windowed rows must be captured before they leave the window: capture (and align
+        # prefill batches) every `capture_every` tokens, a multiple of the chunk size.
+        span = min(self.n_batch, self.n_swa) if self.n_swa > 0 else self.n_batch
+        self.capture_every = max(c, span // c * c)
+        self.enabled = False
+        self.layout: StateLayout | None = None
+        self.config: KvConfig | None = None
+        if policy.enabled:
+            try:
+                self.layout = self._probe_layout()
+                self.enabled = True
+            except StateFormatError as exc:
+                log.warning("KV prefix cache disabled for this model: %s", exc)
+        if self.layout is not None:
+            params = llm.context_params
+            self.config = KvConfig(
+                model_hash=model_hash,
+                chunk_tokens=c,
+                type_k=GGML_TYPE_NAMES.get(int(params.type_k), str(int(params.type_k))),
+                type_v=GGML_TYPE_NAMES.get(int(params.type_v), str(int(params.type_v))),
+                flash_attn=bool(backend.config.flash_attn),
+                n_batch=self.n_batch,
+                n_swa=self.n_swa,
+                layout=tuple(self.layout.describe()),
+            )
+        self.chunk_bytes = c * self.layout.token_bytes if self.layout else 0
+
+    # -- layout --------------------------------------------------------------------------
+    def _probe_layout(self) -> StateLayout:
+        """Evaluate one token and read the state back: the layout llama.cpp writes for this
+        model and context (cache count, layer types, V transposed or not)."""
+        llm = self.backend.llm
+        llm.reset()
+        llm.eval([llm.token_bos()])
+        layout, sections = parse_state(self._read_state(0))
+        llm.reset()
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+        want = 2 if self.n_swa > 0 else 1
+        if len(sections) != want:
+            raise StateFormatError(f"{len(sections)} KV caches for n_swa={self.n_swa} (expected {want})")
+        return layout
+
+    def _read_state(self, flags: int) -> memoryview:
+        n = llama_cpp.llama_state_seq_get_size_ext(self._ctx, 0, flags)
+        self.buf.ensure(n)
+        got = llama_cpp.llama_state_seq_get_data_ext(self._ctx, self.buf.array, n, 0, flags)
+        if got != n:
+            raise StateFormatError(f"llama.cpp wrote {got} state bytes, announced {n}")
+        return self.buf.view(n)
+
+    # -- restore -------------------------------------------------------------------------
+    def _restore(self, payloads: list[memoryview]) -> bool:
+        """Assemble a state for boundary len(payloads) * C and load it into sequence 0."""
+        assert self.layout is not None
+        c = self.policy.chunk_tokens
+        n_tok = len(payloads) * c
+        chunks = [self._split_payload(p) for p in payloads]
+        positions: list[np.ndarray] = []
+        rows: list[list[tuple[np.ndarray, np.ndarray]]] = []
+        for s, sec in enumerate(self.layout.sections):
+            windowed = s == 1
+            first = max(0, n_tok - self.n_swa) if windowed else 0
+            c0 = first // c
+            skip = first - c0 * c
+            positions.append(np.arange(first, n_tok, dtype=np.int32))
+            sec_rows = []
+            for li in range(len(sec.layers)):
+                k = np.concatenate([ch[s][li][0] for ch in chunks[c0:]])[skip:]
+                v = np.concatenate([ch[s][li][1] for ch in chunks[c0:]])[skip:]
+                sec_rows.append((k, v))
+            rows.append(sec_rows)
+        size = build_state(self.layout, positions, rows, self.buf)
+        got = llama_cpp.llama_state_seq_set_data_ext(self._ctx, self.buf.array, size, 0, 0)
+        if got != size:
+            log.error("llama.cpp refused a rebuilt KV state (%d of %d bytes); prefilling instead", got, size)
+            return False
+        return True
+
+    def _split_payload(self, payload: memoryview) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """A chunk payload as [section][layer] -> (K rows, V rows) views."""
+        assert self.layout is not None
+        c = self.policy.chunk_tokens
+        off = 0
+        out = []
+        for sec in self.layout.sections:
+            layers = []
+            for layer in sec.layers:
+                k = np.frombuffer(payload, np.uint8, c * layer.k_row, off).reshape(c, layer.k_row)
+                off += c * layer.k_row
+                v = np.frombuffer(payload, np.uint8, c * layer.v_row, off).reshape(c, layer.v_row)
+                off += c * layer.v_row
+                layers.append((k, v))
+            out.append(layers)
+        return out
+
+    # -- capture -------------------------------------------------------------------------
+    def _capture_window(self, want: set[int], got: dict[int, list[tuple[bytes, bytes]]]) -> None:
+        """Copy the windowed layers' rows of wanted chunks that are complete and inside the
+        window now (a partial state read: only the SWA cache, a few MB)."""
+        c = self.policy.chunk_tokens
+        n_now = self.backend.llm.n_tokens
+        todo = [i for i in want if i not in got and (i + 1) * c <= n_now]
+        if not todo:
+            return
+        _, (sec,) = parse_state(self._read_state(llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY), n_sections=1)
+        self._take_rows(sec, todo, got)
+
+    def _take_rows(self, sec: Section, todo: list[int], got: dict[int, list[tuple[bytes, bytes]]]) -> None:
+        c = self.policy.chunk_tokens
+        if not len(sec.positions):
+            return
+        lo, hi = int(sec.positions[0]), int(sec.positions[-1]) + 1
+        if hi - lo != len(sec.positions):  # not one contiguous run of positions: take nothing
+            return
+        for i in todo:
+            a, b = i * c, (i + 1) * c
+            if a >= lo and b <= hi:
+                got[i] = [(bytes(k[a - lo : b - lo]), bytes(v[a - lo : b - lo])) for k, v in zip(sec.k, sec.v)]
+
+    def _collect(self, tokens: list[int], first_chunk: int, swa_rows: dict[int, list[tuple[bytes, bytes]]], want: set[int]) -> PendingChunks:
+        """After generation: the full state gives every row of the full-attention layers;
+        windowed rows come from the captures (or the final window)."""
+        assert self.layout is not None and self.config is not None
+        c = self.policy.chunk_tokens
+        n_chunks = len(tokens) // c
+        hashes = chunk_hashes(self.config, tokens, n_chunks)
+        pending = PendingChunks(offered_bytes=n_chunks * self.chunk_bytes)
+        if not want:
+            return pending
+        _, sections = parse_state(self._read_state(0), n_sections=len(self.layout.sections))
+        base = sections[0]
+        if len(base.positions) < n_chunks * c or np.any(base.positions[: n_chunks * c] != np.arange(n_chunks * c)):
+            log.warning("KV state does not hold positions 0..%d in order; not storing", n_chunks * c)
+            return pending
+        if len(sections) == 2:
+            self._take_rows(sections[1], [i for i in want if i not in swa_rows], swa_rows)
+        for i in sorted(want):
+            if i >= n_chunks:
+                continue
+            parts: list[bytes] = []
+            a, b = i * c, (i + 1) * c
+            for k, v in zip(base.k, base.v):
+                parts += [k[a:b].tobytes(), v[a:b].tobytes()]
+            if len(sections) == 2:
+                if i not in swa_rows:
+                    log.warning("windowed rows of chunk %d were not captured; not storing it", i)
+                    continue
+                for k_b, v_b in swa_rows[i]:
+                    parts += [k_b, v_b]
+            pending.chunks.append((hashes[i], c, b"".join(parts)))
+        return pending
+
+    # -- generation ------------------------------------------------------------------------
+    def generate(self, prompt: Sequence[int], params: SamplingParams) -> PrefixGeneration:
+        backend, llm = self.backend, self.backend.llm
+        prompt = list(prompt)
+        if not prompt:
+            raise ValueError("empty prompt")
+        backend.check_fits(len(prompt), params.max_tokens)
+        if not self.enabled or self.config is None:
+            return PrefixGeneration(backend.generate(prompt, params), 0, 0.0, PendingChunks())
+        c = self.policy.chunk_tokens
+        t0 = time.perf_counter()
+        # Restore: the longest stored prefix that leaves at least one token to evaluate
+        # (its logits give the first output token).
+        hashes = chunk_hashes(self.config, prompt, (len(prompt) - 1) // c)
+        n_restored = 0
+        if hashes:
+            n, ok = self.chunks.read_prefix(hashes, self.chunk_bytes, self._restore)
+            n_restored = n if ok else 0
+        start = n_restored * c
+        if start:
+            llm.n_tokens = start
+            llm.input_ids[:start] = prompt[:start]
+        else:
+            llm.reset()
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+        t_restored = time.perf_counter()
+        self.chunks.count_lookup(len(prompt), start)
+
+        # Chunks this request may add (policy), minus those already stored.
+        limit = self.policy.max_store_tokens or backend.config.n_ctx
+        max_chunk = min(limit, len(prompt) + (params.max_tokens if self.policy.store_generated else 0)) // c
+        candidates = list(range(n_restored, max_chunk))
+        prompt_hashes = chunk_hashes(self.config, prompt, len(prompt) // c)
+        known = self.chunks.present([prompt_hashes[i] for i in candidates if i < len(prompt_hashes)])
+        want = {i for i, k in zip(candidates, known) if not k} | {i for i in candidates if i >= len(prompt_hashes)}
+        swa_rows: dict[int, list[tuple[bytes, bytes]]] = {}
+        windowed = len(self.layout.sections) == 2 if self.layout else False
+
+        llm.set_seed(params.seed)
+        grammar = llama_cpp.LlamaGrammar.from_string(params.grammar, verbose=False) if params.grammar else None
+        sampler = llm._init_sampler(
+            top_k=params.top_k, top_p=params.top_p, min_p=params.min_p, temp=params.temperature,
+            repeat_penalty=params.repeat_penalty, grammar=grammar,
+        )
+        # Prefill the rest in batches aligned to absolute multiples of capture_every (the
+        # cold run's batches, so the numerics match; and the capture points).
+        pos = start
+        a = self.capture_every
+        while pos < len(prompt):
+            end = min(len(prompt), (pos // a + 1) * a)
+            llm.eval(prompt[pos:end])
+            pos = end
+            if windowed and want and pos % a == 0:
+                self._capture_window(want, swa_rows)
+        token = sampler.sample(llm._ctx, -1)
+        t1 = time.perf_counter()
+        out: list[int] = []
+        finish = "length"
+        cut_text: str | None = None
+        while True:
+            if backend.is_eog(token):
+                finish = "stop"
+                break
+            out.append(token)
+            if params.stop:
+                so_far = backend.detokenize(out)
+                cut = min((i for s in params.stop if (i := so_far.find(s)) >= 0), default=-1)
+                if cut >= 0:
+                    cut_text, finish = so_far[:cut], "stop"
+                    break
+            if len(out) >= params.max_tokens:
+                break
+            llm.eval([token])
+            if windowed and want and llm.n_tokens % a == 0:
+                self._capture_window(want, swa_rows)
+            token = sampler.sample(llm._ctx, -1)
+        t2 = time.perf_counter()
+        evaluated = [int(t) for t in llm.input_ids[: llm.n_tokens]]
+        if not self.policy.store_generated:
+            evaluated = evaluated[: len(prompt)]
+        evaluated = evaluated[: (limit // c) * c]
+        try:
+            pending = self._collect(evaluated, n_restored, swa_rows, want)
+        except StateFormatError as exc:
+            log.warning("could not capture KV chunks: %s", exc)
+            pending = PendingChunks()
+        gen = Generation(
+            tokens=out,
+            text=cut_text if cut_text is not None else backend.detokenize(out),
+            finish_reason=finish,
+            prompt_tokens=len(prompt),
+            prefill_ms=(t1 - t0) * 1000,
+            decode_ms=(t2 - t1) * 1000,
+        )
+        return PrefixGeneration(gen, start, (t_restored - t0) * 1000, pending)
+
+    def store(self, pending: PendingChunks) -> int:
+        """Write captured chunks (blocking LMDB write: call off the event loop)."""
+        if not pending.chunks and not pending.offered_bytes:
+            self.chunks.flush()
+            return 0
+        return self.chunks.put_many(pending.chunks, pending.offered_bytes)
+
+
+def kv_backend_options(kv_type: str) -> dict[str, object]:
+    """BackendConfig fields for a KV element type ("f16", "q8_0", "q4_0"). Quantized V needs
+    llama.cpp's flash attention, so it turns that on (and kv_config records it)."""
+    if kv_type not in ("f16", "q8_0", "q4_0"):
+        raise ValueError(f"unknown KV type {kv_type!r} (f16, q8_0 or q4_0)")
+    if kv_type == "f16":
+        return {}
+    t = GGML_TYPES[kv_type]
+    return {"type_k": t, "type_v": t, "flash_attn": True}

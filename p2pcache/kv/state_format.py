@@ -1,0 +1,211 @@
+"""Reading and writing llama.cpp's per-sequence KV state (`llama_state_seq_get_data`).
+
+The bytes are: an 8-byte header, then one *section* per KV cache of the model (a plain model
+has one; a sliding-window model such as Gemma 3 has two: the full-attention layers, then the
+SWA layers). A section is::
+
+    u32 n_stream (1) | u32 cell_count | cell_count x (i32 pos, u32 n_seq_id=1, i32 seq_id)
+    u32 v_trans | u32 n_layer
+    n_layer x (i32 k_type, u64 k_row_bytes, cell_count rows)
+    v_trans == 0: n_layer x (i32 v_type, u64 v_row_bytes, cell_count rows)
+    v_trans == 1: n_layer x (i32 v_type, u32 el_bytes, u32 n_embd_v, n_embd_v x cell_count elements)
+
+We cut a state into per-token K/V rows (so it can be stored in chunks that many prefixes
+share) and assemble a state for any chunk boundary from stored rows. Parsing checks that the
+bytes are consumed exactly; anything unexpected raises `StateFormatError`, and the caller
+then falls back to plain prefill rather than guess.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class StateFormatError(ValueError):
+    """The state bytes do not have the layout we know how to cut and rebuild."""
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    k_type: int
+    k_row: int  # bytes of one token's K row
+    v_type: int
+    v_row: int  # bytes of one token's V row (n_embd_v * el_bytes when transposed)
+    v_el: int  # bytes per V element (used when V is stored transposed)
+
+
+@dataclass(frozen=True)
+class SectionLayout:
+    v_trans: bool
+    layers: tuple[LayerLayout, ...]
+
+    @property
+    def row_bytes(self) -> int:
+        """K + V bytes of one token over all layers of this section."""
+        return sum(layer.k_row + layer.v_row for layer in self.layers)
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    header: bytes
+    sections: tuple[SectionLayout, ...]
+
+    @property
+    def token_bytes(self) -> int:
+        return sum(s.row_bytes for s in self.sections)
+
+    def describe(self) -> list[object]:
+        """A msgpack-able description (part of kv_config: a changed layout never restores)."""
+        return [
+            self.header.hex(),
+            [[int(s.v_trans), [[l.k_type, l.k_row, l.v_type, l.v_row, l.v_el] for l in s.layers]]
+             for s in self.sections],
+        ]
+
+
+@dataclass
+class Section:
+    """One cache's cells, position-sorted, as per-token rows: ``k[l]`` / ``v[l]`` have shape
+    (cells, row bytes) for layer l (V de-transposed into rows)."""
+
+    positions: np.ndarray  # int32, sorted
+    k: list[np.ndarray]
+    v: list[np.ndarray]
+
+
+_U32 = struct.Struct("<I")
+_CELL = np.dtype([("pos", "<i4"), ("n_seq", "<u4"), ("seq", "<i4")])
+
+
+def parse_state(buf: bytes | memoryview, n_sections: int | None = None) -> tuple[StateLayout, list[Section]]:
+    """Split a sequence state into its layout and per-token rows (views into ``buf``)."""
+    mv = memoryview(buf)
+    if len(mv) < 8:
+        raise StateFormatError("state shorter than its header")
+    header = bytes(mv[:8])
+    off = 8
+    layouts: list[SectionLayout] = []
+    sections: list[Section] = []
+    try:
+        while off < len(mv):
+            n_stream, cells = struct.unpack_from("<II", mv, off)
+            off += 8
+            if n_stream != 1:
+                raise StateFormatError(f"{n_stream} streams per cache (expected 1)")
+            meta = np.frombuffer(mv, dtype=_CELL, count=cells, offset=off)
+            off += cells * _CELL.itemsize
+            if cells and (np.any(meta["n_seq"] != 1) or np.any(meta["seq"] != 0)):
+                raise StateFormatError("cells with extra metadata or several sequences")
+            v_trans, n_layer = struct.unpack_from("<II", mv, off)
+            off += 8
+            k_rows, k_meta = [], []
+            for _ in range(n_layer):
+                k_type, k_row = struct.unpack_from("<iQ", mv, off)
+                off += 12
+                k_rows.append(np.frombuffer(mv, np.uint8, cells * k_row, off).reshape(cells, k_row))
+                k_meta.append((k_type, k_row))
+                off += cells * k_row
+            v_rows, layers = [], []
+            for (k_type, k_row) in k_meta:
+                if v_trans:
+                    v_type, el, n_embd = struct.unpack_from("<iII", mv, off)
+                    off += 12
+                    t = np.frombuffer(mv, np.uint8, n_embd * cells * el, off).reshape(n_embd, cells, el)
+                    v_rows.append(t.transpose(1, 0, 2).reshape(cells, n_embd * el))
+                    off += n_embd * cells * el
+                    layers.append(LayerLayout(k_type, k_row, v_type, n_embd * el, el))
+                else:
+                    v_type, v_row = struct.unpack_from("<iQ", mv, off)
+                    off += 12
+                    v_rows.append(np.frombuffer(mv, np.uint8, cells * v_row, off).reshape(cells, v_row))
+                    off += cells * v_row
+                    layers.append(LayerLayout(k_type, k_row, v_type, v_row, 0))
+            pos = meta["pos"].copy()
+            if cells and np.any(np.diff(pos) <= 0):  # we only ever build position-sorted states
+                order = np.argsort(pos, kind="stable")
+                pos = pos[order]
+                k_rows = [r[order] for r in k_rows]
+                v_rows = [r[order] for r in v_rows]
+            layouts.append(SectionLayout(bool(v_trans), tuple(layers)))
+            sections.append(Section(pos, k_rows, v_rows))
+    except (struct.error, ValueError) as exc:
+        if isinstance(exc, StateFormatError):
+            raise
+        raise StateFormatError(f"truncated or malformed state: {exc}") from exc
+    if off != len(mv):
+        raise StateFormatError(f"state has {len(mv) - off} trailing bytes")
+    if n_sections is not None and len(sections) != n_sections:
+        raise StateFormatError(f"{len(sections)} caches in the state, expected {n_sections}")
+    return StateLayout(header, tuple(layouts)), sections
+
+
+def state_size(layout: StateLayout, cells: list[int]) -> int:
+    n = len(layout.header)
+    for sec, c in zip(layout.sections, cells):
+        n += 8 + c * _CELL.itemsize + 8 + len(sec.layers) * 24 + c * sec.row_bytes
+    return n
+
+
+class StateBuffer:
+    """A preallocated native buffer for llama_state_seq_get/set_data, grown (never shrunk)
+    when a state does not fit: a restore or capture allocates nothing in the common case."""
+
+    def __init__(self, size: int = 0) -> None:
+        self.array = (ctypes.c_uint8 * max(size, 1))()
+
+    def ensure(self, size: int) -> None:
+        if len(self.array) < size:
+            self.array = (ctypes.c_uint8 * int(size * 1.25))()
+
+    def view(self, size: int) -> memoryview:
+        return memoryview(self.array).cast("B")[:size]
+
+
+def build_state(
+    layout: StateLayout,
+    positions: list[np.ndarray],
+    rows: list[list[tuple[np.ndarray, np.ndarray]]],
+    out: StateBuffer,
+) -> int:
+    """Write a state into ``out`` and return its size. ``rows[s][l] = (k, v)``, each of
+    shape (cells, row bytes), in position order."""
+    cells = [len(p) for p in positions]
+    need = state_size(layout, cells)
+    out.ensure(need)
+    mv = out.view(need)
+    mv[:8] = layout.header
+    off = 8
+    for sec, pos, sec_rows in zip(layout.sections, positions, rows):
+        c = len(pos)
+        struct.pack_into("<II", mv, off, 1, c)
+        off += 8
+        meta = np.frombuffer(mv, dtype=_CELL, count=c, offset=off)
+        meta["pos"] = pos
+        meta["n_seq"] = 1
+        meta["seq"] = 0
+        off += c * _CELL.itemsize
+        struct.pack_into("<II", mv, off, int(sec.v_trans), len(sec.layers))
+        off += 8
+        for layer, (k, _) in zip(sec.layers, sec_rows):
+            struct.pack_into("<iQ", mv, off, layer.k_type, layer.k_row)
+            off += 12
+            np.frombuffer(mv, np.uint8, c * layer.k_row, off).reshape(c, layer.k_row)[:] = k
+            off += c * layer.k_row
+        for layer, (_, v) in zip(sec.layers, sec_rows):
+            if sec.v_trans:
+                n_embd = layer.v_row // layer.v_el
+                struct.pack_into("<iII", mv, off, layer.v_type, layer.v_el, n_embd)
+                off += 12
+                dst = np.frombuffer(mv, np.uint8, c * layer.v_row, off).reshape(n_embd, c, layer.v_el)
+                dst[:] = v.reshape(c, n_embd, layer.v_el).transpose(1, 0, 2)
+            else:
+                struct.pack_into("<iQ", mv, off, layer.v_type, layer.v_row)
+                off += 12
+                np.frombuffer(mv, np.uint8, c * layer.v_row, off).reshape(c, layer.v_row)[:] = v
+            off += c * layer.v_row
+    assert off == need
+    return need

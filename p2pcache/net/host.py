@@ -1,0 +1,112 @@
+"""The libp2p host of a node: persistent Ed25519 identity, Noise + yamux only, optional PSK.
+
+py-libp2p's `new_host` defaults offer plaintext, secio and TLS next to Noise and mplex next to
+yamux; a node here negotiates exactly Noise and yamux, so no connection is ever unencrypted.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost
+from libp2p.crypto.ed25519 import Ed25519PrivateKey as P2PPrivateKey
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from p2pcache.identity import Identity
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
+DIAL_TIMEOUT_S = 10.0
+
+
+def key_pair_from_identity(identity: Identity) -> KeyPair:
+    """The libp2p key pair of the node's identity (same seed, so the same peer id)."""
+    private = P2PPrivateKey.new(identity.seed)
+    key_pair = KeyPair(private, private.get_public_key())
+    if ID.from_pubkey(key_pair.public_key).to_base58() != identity.peer_id:
+        raise RuntimeError("libp2p peer id does not match the identity's peer id")
+    return key_pair
+
+
+def parse_psk(psk: str | bytes | None) -> str | None:
+    """A pre-shared swarm key as py-libp2p wants it: 64 hex characters (32 bytes)."""
+    if psk is None or psk == "" or psk == b"":
+        return None
+    if isinstance(psk, bytes):
+        if len(psk) != 32:
+            raise ValueError("a pre-shared key is 32 bytes")
+        return psk.hex()
+    text = psk.strip()
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError as exc:
+        raise ValueError("a pre-shared key is 64 hex characters") from exc
+    if len(raw) != 32:
+        raise ValueError("a pre-shared key is 64 hex characters")
+    return raw.hex()
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    listen: Sequence[str] = (DEFAULT_LISTEN,)
+    bootstrap: Sequence[str] = ()  # full multiaddrs with /p2p/<peer id>
+    psk: str | None = None  # 64 hex chars: only peers with the same key can connect
+    dial_timeout_s: float = DIAL_TIMEOUT_S
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def build_host(identity: Identity, config: HostConfig) -> IHost:
+    key_pair = key_pair_from_identity(identity)
+    noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
+    return new_host(
+        key_pair=key_pair,
+        sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        listen_addrs=[multiaddr.Multiaddr(a) for a in config.listen],
+        psk=parse_psk(config.psk),
+    )
+
+
+def full_addrs(host: IHost) -> list[str]:
+    """Dialable addresses of a running host, each ending in /p2p/<peer id>."""
+    pid = host.get_id().to_base58()
+    out = []
+    for a in host.get_addrs():
+        s = str(a)
+        out.append(s if "/p2p/" in s else f"{s}/p2p/{pid}")
+    return out
+
+
+async def dial(host: IHost, addr: str, timeout_s: float = DIAL_TIMEOUT_S) -> PeerInfo:
+    info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+    with trio.fail_after(timeout_s):
+        await host.connect(info)
+    return info
+
+
+@asynccontextmanager
+async def running_host(identity: Identity, config: HostConfig) -> AsyncIterator[IHost]:
+    """A started host listening on ``config.listen``; closed (all connections) on exit."""
+    host = build_host(identity, config)
+    async with host.run(listen_addrs=[multiaddr.Multiaddr(a) for a in config.listen]):
+        try:
+            yield host
+        finally:
+            with trio.move_on_after(5) as scope:
+                scope.shield = True
+                await host.close()

@@ -1,0 +1,202 @@
+"""The node daemon: one trio process with the HTTP API, the backend worker and (once the
+network layer provides one) the libp2p service, all in one nursery.
+
+Lifecycle:
+1. SIGINT/SIGTERM handling starts first, so a signal during model loading exits cleanly.
+2. The model loads off the event loop; the store opens; bootstrap_http nodes are asked for
+   their addresses (bounded wait).
+3. The network service starts (``nursery.start``), then HTTP; once HTTP listens the node
+   prints one JSON "ready" line on stdout and writes ``<data dir>/node.json``.
+4. On the first signal the node drains: new API requests get 503, queued requests for the
+   model get 503, the running generation finishes and is stored, in-flight responses are
+   sent (up to ``shutdown_timeout_s``). Then the network stops and LMDB closes.
+   A second signal cancels everything at once (LMDB still closes cleanly).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from p2pcache import __version__
+from p2pcache.api.app import create_app
+from p2pcache.api.metrics import NodeMetrics
+from p2pcache.local import LocalNode, NodeOptions
+from p2pcache.node.config import NodeConfig
+from p2pcache.node.logs import fields
+from p2pcache.node.runtime import NetworkFactory, NodeRuntime, NoNetwork, load_network_factory
+
+log = logging.getLogger("p2pcache.node")
+
+READY_EVENT = "ready"
+
+
+def node_info_path(data_dir: Path) -> Path:
+    return data_dir / "node.json"
+
+
+def _write_atomic(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+async def resolve_bootstrap_http(urls: list[str], deadline_s: float) -> list[str]:
+    """The ``addrs`` of each node at ``urls`` (``/admin/status``), polling until each answers
+    or the deadline passes. A node without the network layer has no addrs: warned, skipped."""
+    found: list[str] = []
+    if not urls:
+        return found
+    with trio.move_on_after(deadline_s) as scope:
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            for url in urls:
+                while True:
+                    try:
+                        r = await client.get(f"{url}/admin/status")
+                        if r.status_code == 200:
+                            addrs = r.json().get("addrs") or []
+                            if not addrs:
+                                log.warning("bootstrap node has no p2p addresses (no network layer?)",
+                                            extra=fields(url=url))
+                            found.extend(addrs)
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    await trio.sleep(0.5)  # retry interval while the bootstrap node starts
+    if scope.cancelled_caught:
+        log.warning("gave up waiting for bootstrap nodes", extra=fields(urls=urls, waited_s=deadline_s))
+    return found
+
+
+async def run_node(
+    config: NodeConfig,
+    network_factory: NetworkFactory | None = None,
+    *,
+    ready_out: Any = None,
+    install_signal_handlers: bool = True,
+) -> int:
+    """Run a node until SIGINT/SIGTERM. Returns the process exit code (0: clean shutdown)."""
+    ready_out = ready_out or sys.stdout
+    stop = trio.Event()  # first signal: drain
+    signals_seen = 0
+
+    async with trio.open_nursery() as outer:
+        cancel_all = outer.cancel_scope
+
+        async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            nonlocal signals_seen
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                task_status.started()
+                async for signum in signals:
+                    signals_seen += 1
+                    name = signal.Signals(signum).name
+                    if signals_seen == 1:
+                        log.info("shutting down (drain)", extra=fields(signal=name))
+                        stop.set()
+                    else:
+                        log.warning("second signal: stopping now", extra=fields(signal=name))
+                        cancel_all.cancel()
+
+        if install_signal_handlers:
+            await outer.start(watch_signals)
+        code = await _run(config, network_factory, stop, ready_out)
+        outer.cancel_scope.cancel()
+    return code
+
+
+async def _run(config: NodeConfig, network_factory: NetworkFactory | None, stop: trio.Event, ready_out: Any) -> int:
+    t0 = time.perf_counter()
+    options = NodeOptions(
+        data_dir=config.data_dir, model=config.model, n_ctx=config.n_ctx,
+        n_gpu_layers=config.n_gpu_layers, size_cap=config.size_cap,
+        kv_prefix=config.kv_prefix, kv_type=config.kv_type, semantic=config.semantic,
+    )
+    # Loading blocks for seconds: off the loop, so signals are still noticed.
+    local = await trio.to_thread.run_sync(LocalNode.open, options, abandon_on_cancel=False)
+    info_file = node_info_path(local.data_dir.root)
+    try:
+        if stop.is_set():
+            return 0
+        local.worker.max_waiting = config.max_queue
+        local.worker.max_wait_s = config.queue_timeout_s
+        model_id = config.model_name or local.backend.config.model_path.stem
+        runtime = NodeRuntime(config=config, local=local, metrics=NodeMetrics(), model_id=model_id)
+        runtime.bootstrap = list(config.bootstrap)
+        log.info("model loaded", extra=fields(
+            model=model_id, model_hash=local.model_hash, peer_id=local.identity.peer_id,
+            data_dir=str(local.data_dir.root), load_s=round(time.perf_counter() - t0, 2),
+        ))
+        if config.bootstrap_http:
+            async with trio.open_nursery() as waiter:  # a signal ends the wait, too
+                async def _resolve() -> None:
+                    runtime.bootstrap += await resolve_bootstrap_http(config.bootstrap_http, config.bootstrap_wait_s)
+                    waiter.cancel_scope.cancel()
+
+                async def _stop() -> None:
+                    await stop.wait()
+                    waiter.cancel_scope.cancel()
+
+                waiter.start_soon(_resolve)
+                waiter.start_soon(_stop)
+        if stop.is_set():
+            return 0
+
+        factory = network_factory if network_factory is not None else load_network_factory()
+        runtime.network = factory(runtime) if factory is not None else NoNetwork()
+        app = create_app(runtime)
+        hc = HypercornConfig()
+        hc.bind = [config.http]
+        hc.graceful_timeout = config.shutdown_timeout_s
+        hc.accesslog = None
+        hc.errorlog = logging.getLogger("hypercorn.error")
+        hc.keep_alive_timeout = 30
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(runtime.network.run)
+            server_done = trio.Event()
+
+            async def http_server(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+                try:
+                    await hypercorn_serve(app, hc, shutdown_trigger=stop.wait, task_status=task_status, mode="asgi")
+                finally:
+                    server_done.set()
+
+            binds = await nursery.start(http_server)
+            runtime.http_urls = list(binds)
+            ready = {
+                "event": READY_EVENT, "http": runtime.http_urls[0] if runtime.http_urls else None,
+                "http_urls": runtime.http_urls, "peer_id": local.identity.peer_id,
+                "model": model_id, "model_hash": local.model_hash, "addrs": runtime.network.addrs(),
+                "data_dir": str(local.data_dir.root), "pid": os.getpid(), "version": __version__,
+            }
+            _write_atomic(info_file, ready)
+            print(json.dumps(ready), file=ready_out, flush=True)
+            log.info("node ready", extra=fields(**{k: v for k, v in ready.items() if k != "event"}))
+
+            async def drain_on_stop() -> None:
+                await stop.wait()
+                runtime.draining = True
+                local.worker.close()  # queued model calls fail with 503; the running one finishes
+
+            nursery.start_soon(drain_on_stop)
+            # hypercorn returns after stop is set and in-flight requests have finished
+            # (or shutdown_timeout_s passed); then stop everything else.
+            await server_done.wait()
+            nursery.cancel_scope.cancel()
+        return 0
+    finally:
+        info_file.unlink(missing_ok=True)
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(local.close)  # flush hit counters, close LMDB and the model
+        log.info("shutdown complete", extra=fields(peer_id=local.identity.peer_id))

@@ -1,0 +1,269 @@
+"""L1 semantic tier (issue 5): real MiniLM embeddings, real FAISS, real LMDB, real Gemma 3 270M."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+from typer.testing import CliRunner
+
+from p2pcache.backend import BackendWorker, LlamaBackend
+from p2pcache.identity import Identity
+from p2pcache.keys import SamplingParams
+from p2pcache.resolver import Request, Resolver
+from p2pcache.semantic import Embedder, SemanticConfig, SemanticTier
+from p2pcache.semantic.lexical import lexical_reject
+from p2pcache.store import Store
+
+PARAMS = SamplingParams(max_tokens=24, stop=("\n",))
+DATA = Path(__file__).parent / "data" / "semantic_pairs.jsonl"
+
+
+def qa(text: str) -> str:
+    return f"Question: {text}\nAnswer:"
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    return Embedder()
+
+
+def make(store: Store, backend: LlamaBackend, model_hash: str, tmp_path: Path, embedder: Embedder,
+         **cfg: object) -> tuple[Resolver, SemanticTier]:
+    worker = BackendWorker(backend)
+    tier = SemanticTier(store, worker, model_hash, tmp_path / "semantic", SemanticConfig(**cfg), embedder)
+    identity = Identity.load_or_create(tmp_path / "identity.key")
+    return Resolver(store, worker, model_hash, identity, tiers=[tier]), tier
+
+
+def ask(resolver: Resolver, text: str, semantic: bool = True, params: SamplingParams = PARAMS):  # type: ignore[no-untyped-def]
+    return trio.run(resolver.resolve, Request(prompt=qa(text), params=params, semantic=semantic))
+
+
+# -- the evaluation set and the parts without the LLM ---------------------------------------
+
+
+def test_evaluation_set_has_300_labelled_pairs_in_thirds() -> None:
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
+    labels = [r["label"] for r in rows]
+    assert len(rows) >= 300
+    assert labels.count("paraphrase") == labels.count("unrelated") == labels.count("near_miss")
+    kinds = {r["kind"] for r in rows if r["label"] == "near_miss"}
+    assert {"negation", "entity", "number", "unit", "language", "intent"} <= kinds
+    assert len({(r["cached"], r["query"]) for r in rows}) == len(rows)
+
+
+def test_embeddings_are_unit_vectors_and_rank_paraphrases_first(embedder: Embedder) -> None:
+    v = embedder.embed([
+        "What is the capital of France?", "Which city is the capital of France?",
+        "How do I bake sourdough bread?",
+    ])
+    assert v.shape == (3, 384) and v.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert v[0] @ v[1] > 0.85 > 0.3 > v[0] @ v[2]
+
+
+@pytest.mark.parametrize(
+    ("new", "old", "reason"),
+    [
+        ("Convert 5 miles to km.", "Convert 50 miles to km.", "numbers"),
+        ("Why is the sky not blue?", "Why is the sky blue?", "negation"),
+        ("How do I sort a list in Rust?", "How do I sort a list in Python?", "key terms"),
+        ("Who wrote Macbeth?", "Who wrote Hamlet?", "entities"),
+        ("Flights from Rome to Paris", "Flights from Paris to Rome", "order"),
+        ("What is the smallest planet?", "What is the largest planet?", "opposite"),
+    ],
+)
+def test_lexical_checks_reject_near_misses(new: str, old: str, reason: str) -> None:
+    why = lexical_reject(new, old)
+    assert why is not None and reason in why
+
+
+def test_lexical_checks_pass_paraphrases() -> None:
+    assert lexical_reject("Which city is France's capital?", "What is the capital of France?") is None
+    assert lexical_reject("How can I quit the Vim editor?", "How do I exit Vim?") is None
+
+
+# -- the backend's teacher-forced scoring -----------------------------------------------------
+
+
+@pytest.mark.model
+def test_score_reports_per_token_logprobs_argmax_and_top_k(backend: LlamaBackend) -> None:
+    prompt = backend.tokenize(qa("What is the capital of France?"))
+    gen = backend.generate(prompt, SamplingParams(max_tokens=12))
+    s = backend.score(prompt, gen.tokens, top_k=3)
+    assert len(s.logprobs) == len(s.argmax) == len(s.gaps) == len(s.top_ids) == len(gen.tokens)
+    assert all(lp <= 0 for lp in s.logprobs) and all(g >= 0 for g in s.gaps)
+    # Greedy output is the model's argmax (batched prefill may differ from decode by float noise).
+    assert s.argmax_agreement >= 0.9
+    for j, tok in enumerate(gen.tokens):
+        assert s.top_ids[j][0] == s.argmax[j]
+        assert s.top_logprobs[j] == sorted(s.top_logprobs[j], reverse=True)
+        if s.argmax[j] == tok:
+            assert s.gaps[j] == 0 and s.logprobs[j] == pytest.approx(s.top_logprobs[j][0], abs=1e-4)
+    # A wrong answer scores lower; generation afterwards is unchanged (the KV is reset).
+    wrong = backend.tokenize(" Berlin is a city in Germany", )[1:]
+    assert backend.score(prompt, wrong).mean_logprob < s.mean_logprob - 1
+    assert backend.generate(prompt, SamplingParams(max_tokens=12)).tokens == gen.tokens
+
+
+# -- L1 end to end -------------------------------------------------------------------------------
+
+
+@pytest.mark.model
+def test_paraphrase_is_served_from_l1_with_scores(
+    store: Store, backend: LlamaBackend, default_model_hash: str, tmp_path: Path, embedder: Embedder
+) -> None:
+    resolver, tier = make(store, backend, default_model_hash, tmp_path, embedder)
+    first = ask(resolver, "What is the capital of France?")
+    assert first.cache_level == "L3" and "Paris" in first.text
+    entry = store.get(first.input_sha256)
+    assert entry is not None and entry.embedding == 0  # the FAISS id lives in the entry
+
+    para = ask(resolver, "Which city is the capital of France?")
+    assert para.cache_level == "L1"
+    assert para.text == first.text and para.tokens == first.tokens
+    assert para.input_sha256 != first.input_sha256
+    assert para.details["source_input_sha256"] == first.input_sha256
+    assert para.details["similarity"] >= tier.config.tau
+    gate = para.details["gate"]
+    assert gate["accepted"] and gate["delta"] >= -tier.config.margin and gate["scored_tokens"] > 0
+    assert resolver.computations == 1
+
+    # Opt-in per request: the same paraphrase without semantic=True is computed (L3).
+    assert ask(resolver, "Which city is the capital of France?", semantic=False).cache_level == "L3"
+    # Different sampling parameters never reuse the answer.
+    other = PARAMS.with_(max_tokens=25)
+    assert ask(resolver, "What is France's capital city?", params=other).cache_level == "L3"
+
+
+@pytest.mark.model
+def test_near_miss_is_rejected_by_the_gate(
+    store: Store, backend: LlamaBackend, default_model_hash: str, tmp_path: Path, embedder: Embedder
+) -> None:
+    resolver, tier = make(store, backend, default_model_hash, tmp_path, embedder)
+    assert ask(resolver, "What is the capital of France?").cache_level == "L3"
+    near = ask(resolver, "What is the capital of Germany?")
+    assert near.cache_level == "L3" and "Paris" not in near.text
+    assert tier.gate_rejections == 1
+
+
+@pytest.mark.model
+def test_model_gate_alone_rejects_a_near_miss_that_similarity_accepts(
+    store: Store, backend: LlamaBackend, default_model_hash: str, tmp_path: Path, embedder: Embedder
+) -> None:
+    # Lexical checks off: only the teacher-forced log-prob decides.
+    resolver, tier = make(store, backend, default_model_hash, tmp_path, embedder, lexical=False, tau=0.6)
+    cached = ask(resolver, "What is the capital of France?")
+    vec = embedder.embed_one(qa("What is the capital of Germany?"))
+    sim = float(vec @ tier.index.get(cached.input_sha256).vec())
+    assert sim >= 0.6  # similarity alone would serve "Paris" for Germany
+    near = ask(resolver, "What is the capital of Germany?")
+    assert near.cache_level == "L3" and tier.gate_rejections == 1
+
+
+@pytest.mark.model
+def test_node_without_semantic_never_serves_l1(
+    store: Store, backend: LlamaBackend, default_model_hash: str, tmp_path: Path
+) -> None:
+    identity = Identity.load_or_create(tmp_path / "identity.key")
+    resolver = Resolver(store, BackendWorker(backend), default_model_hash, identity)
+    assert ask(resolver, "What is the capital of France?").cache_level == "L3"
+    assert ask(resolver, "Which city is the capital of France?").cache_level == "L3"
+
+
+@pytest.mark.model
+def test_index_survives_restart_and_is_rebuilt_when_deleted_or_corrupt(
+    backend: LlamaBackend, default_model_hash: str, tmp_path: Path, embedder: Embedder
+) -> None:
+    store = Store(tmp_path / "store")
+    resolver, tier = make(store, backend, default_model_hash, tmp_path, embedder)
+    keys = [ask(resolver, q).input_sha256 for q in ("What is the capital of France?", "Who wrote Hamlet?")]
+    tier.close()
+    store.close()
+    index_file = tmp_path / "semantic" / f"{default_model_hash}.faiss"
+    assert index_file.is_file()
+
+    def reopen() -> tuple[Store, Resolver, SemanticTier]:
+        s = Store(tmp_path / "store")
+        r, t = make(s, backend, default_model_hash, tmp_path, embedder)
+        return s, r, t
+
+    # 1. restart: the snapshot is loaded as is
+    store, resolver, tier = reopen()
+    assert not tier.index.rebuilt and len(tier.index) == 2
+    assert ask(resolver, "Who is the author of Hamlet?").cache_level == "L1"
+    tier.close()
+    store.close()
+
+    # 2. file deleted: rebuilt from LMDB, same ids, still serves
+    index_file.unlink()
+    store, resolver, tier = reopen()
+    assert tier.index.rebuilt and len(tier.index) == 2
+    assert {tier.index.get(k).faiss_id for k in keys} == {0, 1}
+    assert ask(resolver, "Which city is the capital of France?").cache_level == "L1"
+    tier.close()
+    store.close()
+
+    # 3. file corrupted (one byte flipped): the checksum catches it, rebuilt
+    data = bytearray(index_file.read_bytes())
+    data[-10] ^= 0xFF
+    index_file.write_bytes(bytes(data))
+    store, resolver, tier = reopen()
+    assert tier.index.rebuilt and len(tier.index) == 2
+    assert ask(resolver, "Which city is the capital of France?").cache_level == "L1"
+    tier.close()
+    store.close()
+
+
+@pytest.mark.model
+def test_records_added_after_the_snapshot_are_caught_up(
+    backend: LlamaBackend, default_model_hash: str, tmp_path: Path, embedder: Embedder
+) -> None:
+    store = Store(tmp_path / "store")
+    resolver, tier = make(store, backend, default_model_hash, tmp_path, embedder, save_every=1000)
+    tier.index.save()  # empty snapshot, then two inserts that are only in LMDB (as after a crash)
+    ask(resolver, "What is the capital of France?")
+    ask(resolver, "Who wrote Hamlet?")
+    store.close()  # no tier.close(): the snapshot on disk is stale
+    store = Store(tmp_path / "store")
+    resolver, tier = make(store, backend, default_model_hash, tmp_path, embedder)
+    assert not tier.index.rebuilt and len(tier.index) == 2
+    assert ask(resolver, "Who is the author of Hamlet?").cache_level == "L1"
+    store.close()
+
+
+@pytest.mark.model
+def test_evicted_entry_is_not_served_and_its_record_is_dropped(
+    store: Store, backend: LlamaBackend, default_model_hash: str, tmp_path: Path, embedder: Embedder
+) -> None:
+    resolver, tier = make(store, backend, default_model_hash, tmp_path, embedder)
+    first = ask(resolver, "What is the capital of France?")
+    store.delete(first.input_sha256)
+    assert ask(resolver, "Which city is the capital of France?").cache_level == "L3"
+    assert tier.index.get(first.input_sha256) is None
+
+
+@pytest.mark.model
+def test_cli_similar_shows_nearest_entries_with_scores(
+    backend: LlamaBackend, default_model_hash: str, tmp_path: Path, embedder: Embedder
+) -> None:
+    from p2pcache.cli.main import app
+
+    store = Store(tmp_path / "store")
+    resolver, tier = make(store, backend, default_model_hash, tmp_path, embedder)
+    ask(resolver, "What is the capital of France?")
+    ask(resolver, "Who wrote Hamlet?")
+    tier.close()
+    store.close()
+    result = CliRunner().invoke(
+        app, ["cache", "similar", qa("Which city is France's capital?"), "--data-dir", str(tmp_path), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)["neighbours"]
+    assert [n["prompt"] for n in out] == [qa("What is the capital of France?"), qa("Who wrote Hamlet?")]
+    assert out[0]["similarity"] > 0.85 > out[1]["similarity"]
+    assert out[0]["lexical"] == "ok" and "Paris" in out[0]["answer"]
