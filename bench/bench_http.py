@@ -76,7 +76,7 @@ async def load(host: str, port: int, requests: list[bytes], clients: int, second
         stream = await trio.open_tcp_stream(host, port)
         buf = bytearray()
         j = i
-        async with stream:
+        try:
             while time.perf_counter() < stop_at and sent < max_requests:
                 sent += 1
                 req = requests[j % len(requests)]
@@ -89,6 +89,12 @@ async def load(host: str, port: int, requests: list[bytes], clients: int, second
                     errors += 1
                 lvl = headers.get(b"x-cache-level", b"?").decode()
                 levels[lvl] = levels.get(lvl, 0) + 1
+                if headers.get(b"connection", b"").lower() == b"close":  # hypercorn: 1000 requests per connection
+                    await stream.aclose()
+                    stream = await trio.open_tcp_stream(host, port)
+                    buf.clear()
+        finally:
+            await stream.aclose()
 
     t0 = time.perf_counter()
     with trio.fail_after(seconds + 60):
@@ -109,6 +115,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--log-level", default="info", help="the node's log level (info logs every request)")
+    ap.add_argument("--no-reference", dest="reference", action="store_false",
+                    help="skip the reference row: hypercorn serving a trivial ASGI app, same client")
     args = ap.parse_args()
     console = Console()
 
@@ -143,7 +151,32 @@ def main() -> None:
             code = node.stop()
             assert code == 0, node.log_tail()
 
+    if args.reference:  # the HTTP server's own floor: hypercorn (trio) + a trivial ASGI app
+        import signal
+        import subprocess
+        import sys
+
+        from p2pcache.node.cluster import NodeProcess, wait_ready
+
+        with tempfile.TemporaryDirectory() as tmp:
+            proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("_null_asgi.py"))],
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            ref = NodeProcess("null-asgi", proc, Path(tmp), Path(tmp) / "log")
+            try:
+                wait_ready(ref, timeout=60)
+                host, port = ref.ready["http"].removeprefix("http://").rsplit(":", 1)
+                req = [build_request(host, int(port), "/v1/completions", bodies["/v1/completions"][0])]
+                for clients in args.clients:
+                    runs = [trio.run(load, host, int(port), req, clients, args.seconds, args.max_requests)
+                            for _ in range(args.runs)]
+                    med = {k: statistics.median(r[k] for r in runs) for k in ("n", "rps", "p50", "p90", "p99", "max")}
+                    rows.append(("hypercorn + empty ASGI app (floor)", clients, med))
+            finally:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=30)
+
     table = Table(title=f"L0 hits over HTTP (median of {args.runs} runs of {args.seconds:.0f} s; node log level {args.log_level})")
+    table.min_width = 100
     for c in ("endpoint", "clients", "requests/run", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms"):
         table.add_column(c, justify="left" if c == "endpoint" else "right")
     for path, clients, m in rows:

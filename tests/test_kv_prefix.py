@@ -83,18 +83,48 @@ def test_resumed_greedy_equals_cold(kv: KvPrefixCache, backend: LlamaBackend, to
     assert again.generation.tokens == cold.tokens
 
 
-def test_answer_chunks_captured_across_the_window(kv: KvPrefixCache, backend: LlamaBackend) -> None:
-    """Decode crosses position 512: the windowed rows of the generated tokens are captured
-    during decode, so the next turn (prompt + answer + more) resumes past them."""
+def continue_greedy(backend: LlamaBackend, tokens: list[int], start: int, n: int, align: int) -> list[int]:
+    """Reference for a resumed run: the *live* context cut back to ``start`` (possible here:
+    the SWA cache is full-size), the rest prefilled in the same aligned batches, then greedy."""
+    llm = backend.llm
+    assert llm.n_tokens >= start and list(llm.input_ids[:start]) == tokens[:start]
+    llm.n_tokens = pos = start  # the next eval removes the cells from `start` on
+    while pos < len(tokens):
+        end = min(len(tokens), (pos // align + 1) * align)
+        llm.eval(tokens[pos:end])
+        pos = end
+    p = GREEDY
+    sampler = llm._init_sampler(top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, temp=p.temperature, repeat_penalty=p.repeat_penalty)
+    out: list[int] = []
+    token = sampler.sample(llm._ctx, -1)
+    while not backend.is_eog(token):
+        out.append(token)
+        if len(out) >= n:
+            break
+        llm.eval([token])
+        token = sampler.sample(llm._ctx, -1)
+    return out
+
+
+def test_answer_chunks_captured_across_the_window(
+    backend: LlamaBackend, store: Store, default_model_hash: str
+) -> None:
+    """With store_generated, decode crosses position 512: the windowed rows of generated
+    tokens are captured during decode, and the next turn (prompt + answer + more) resumes
+    past them exactly as if the context had been kept alive."""
+    kv = KvPrefixCache(backend, KvChunkStore(store), default_model_hash, KvPolicy(chunk_tokens=C, store_generated=True))
     prompt = backend.tokenize(long_text("window", 22))
     assert 420 < len(prompt) < 500
-    first = run_kv(kv, prompt, SamplingParams(max_tokens=100))
+    first = kv.generate(prompt, SamplingParams(max_tokens=100))
     assert len(first.generation.tokens) == 100
     follow = prompt + first.generation.tokens + backend.tokenize(" Next, the lightest item is")[1:]
-    cold = backend.generate(follow, GREEDY)
+    stored = (len(prompt) + 99) // C * C  # every full chunk of prompt + evaluated answer
+    assert stored > 512
+    live = continue_greedy(backend, follow, stored, GREEDY.max_tokens, kv.capture_every)
+    kv.store(first.pending)
     resumed = run_kv(kv, follow)
-    assert resumed.cached_tokens >= (len(prompt) + 99) // C * C > 512
-    assert resumed.generation.tokens == cold.tokens
+    assert resumed.cached_tokens == stored
+    assert resumed.generation.tokens == live
 
 
 def test_kv_config_mismatch_never_restores(

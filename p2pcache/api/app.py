@@ -21,6 +21,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import trio
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
@@ -335,7 +336,7 @@ class Api:
 
     async def cache(self, request: HttpRequest) -> Response:
         self._admin(request)
-        s = self.node.store.stats()
+        s = await trio.to_thread.run_sync(self.node.store.stats)  # may flush hit counters (fsync)
         doc: dict[str, Any] = {**vars(s), "hit_rate": s.hit_rate, "model_hash": self.node.model_hash}
         doc["answers_by_level"] = {
             lvl: int(self.metrics.answers.labels(lvl)._value.get()) for lvl in ("L0", "L1", "L2", "L3")
@@ -344,8 +345,11 @@ class Api:
         if not raw.isdigit() or int(raw) > 1000:
             raise ApiError(400, "entries must be an integer from 0 to 1000", param="entries")
         if n := int(raw):
-            entries = sorted(self.node.store.iter_entries(), key=lambda e: max(e.inserted_at, e.last_hit_at),
-                             reverse=True)[:n]
+            def recent() -> list[Any]:
+                return sorted(self.node.store.iter_entries(), key=lambda e: max(e.inserted_at, e.last_hit_at),
+                              reverse=True)[:n]
+
+            entries = await trio.to_thread.run_sync(recent)
             doc["entries"] = [
                 {"input_sha256": e.input_sha256, "model_hash": e.model_hash, "cache_level": e.cache_level,
                  "privacy_flag": e.privacy_flag, "hits": e.hits, "size": e.size, "producer": e.producer,
@@ -364,7 +368,8 @@ class Api:
 
     async def metrics_endpoint(self, request: HttpRequest) -> Response:
         self._admin(request)
-        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        body = await trio.to_thread.run_sync(self.metrics.render)  # reads store stats (may fsync)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def healthz(self, request: HttpRequest) -> Response:
         if self.rt.draining:

@@ -26,8 +26,8 @@ def _flags(**kw: Any) -> dict[str, Any]:
 
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help=f"TOML config file (or ${CONFIG_ENV}).")]
-NodeDataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Data dir [default: ~/.local/share/p2pcache].")]
-UrlOpt = Annotated[Optional[str], typer.Option("--url", help="Node HTTP URL [default: the node running on --data-dir].")]
+NodeDataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Data dir (default: ~/.local/share/p2pcache).")]
+UrlOpt = Annotated[Optional[str], typer.Option("--url", help="Node HTTP URL (default: the node running on --data-dir).")]
 TokenOpt = Annotated[Optional[str], typer.Option("--admin-token", envvar="P2PCACHE_ADMIN_TOKEN", help="Admin token, if the node has one.")]
 DataDirLookupOpt = Annotated[Optional[Path], typer.Option("--data-dir", envvar="P2PCACHE_DATA_DIR", help="Find the node running on this data dir.")]
 
@@ -44,15 +44,15 @@ def run(
     config: ConfigOpt = None,
     data_dir: NodeDataDirOpt = None,
     listen: Annotated[Optional[list[str]], typer.Option("--listen", help="libp2p listen multiaddr (repeatable).")] = None,
-    http: Annotated[Optional[str], typer.Option("--http", help="HTTP API HOST:PORT [default: 127.0.0.1:8080; port 0: any].")] = None,
+    http: Annotated[Optional[str], typer.Option("--http", help="HTTP API HOST:PORT (default: 127.0.0.1:8080; port 0: any).")] = None,
     bootstrap: Annotated[Optional[list[str]], typer.Option("--bootstrap", help="Bootstrap multiaddr ending in /p2p/<id> (repeatable).")] = None,
     bootstrap_http: Annotated[Optional[list[str]], typer.Option("--bootstrap-http", help="Use the p2p addrs of the node at this HTTP URL as bootstrap (repeatable).")] = None,
-    model: Annotated[Optional[Path], typer.Option("--model", help="GGUF model file [default: embedded Gemma 3 270M Q4_K_M].")] = None,
-    share_by_default: Annotated[Optional[bool], typer.Option("--share-by-default/--private-by-default", help="Share entries with peers unless a request says otherwise [default: private].", show_default=False)] = None,
-    max_queue: Annotated[Optional[int], typer.Option("--max-queue", help="Requests that may wait for the model; more get HTTP 429 [default: 16].")] = None,
-    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", help="Context window in tokens [default: 8192].")] = None,
-    log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug, info, warning or error [default: info].")] = None,
-    log_format: Annotated[Optional[str], typer.Option("--log-format", help="json (one object per line) or text [default: json].")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", help="GGUF model file (default: embedded Gemma 3 270M Q4_K_M).")] = None,
+    share_by_default: Annotated[Optional[bool], typer.Option("--share-by-default/--private-by-default", help="Share entries with peers unless a request says otherwise (default: private).", show_default=False)] = None,
+    max_queue: Annotated[Optional[int], typer.Option("--max-queue", help="Requests that may wait for the model; more get HTTP 429 (default: 16).")] = None,
+    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", help="Context window in tokens (default: 8192).")] = None,
+    log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug, info, warning or error (default: info).")] = None,
+    log_format: Annotated[Optional[str], typer.Option("--log-format", help="json (one object per line) or text (default: json).")] = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the merged config as TOML and exit.")] = False,
 ) -> None:
     """Run a node until SIGINT/SIGTERM.
@@ -88,7 +88,7 @@ def run(
     raise typer.Exit(code)
 
 
-run.__doc__ = (run.__doc__ or "") + f"\n\nEnvironment: {_ENV_HELP}."
+run.__doc__ = (run.__doc__ or "").rstrip() + f"\n\n    Environment: {_ENV_HELP}.\n"
 
 
 def _get(url: str | None, data_dir: Path | None, path: str, token: str | None) -> Any:

@@ -48,14 +48,21 @@ GGML_TYPES = {v: k for k, v in GGML_TYPE_NAMES.items()}
 class KvPolicy:
     """Which prefix boundaries get stored.
 
-    Every full chunk of what the context evaluated is offered (prompt, and with
-    ``store_generated`` the answer too: the next chat turn re-sends it), up to
-    ``max_store_tokens``; chunks already stored cost nothing (dedup by hash). A partial last
-    chunk is never stored: at most ``chunk_tokens - 1`` tokens are prefilled again.
+    Every full chunk of the prompt is offered, up to ``max_store_tokens``; chunks already
+    stored cost nothing (dedup by hash). A partial last chunk is never stored: at most
+    ``chunk_tokens - 1`` tokens are prefilled again. The next chat turn re-sends this turn's
+    prompt, so it restores all of it and prefills only the answer and the new message.
+
+    ``store_generated`` also stores the answer's chunks. Off by default: their K/V were
+    computed one token at a time (decode), and llama.cpp's single-token kernels round
+    differently from its batched prefill kernels, so a later request resumed from them is
+    not bit-identical to its cold run (measured: greedy output diverged after 4 tokens).
+    Prompt chunks are always computed by batched prefill, whose rows do not depend on where
+    a batch starts, so resuming from them reproduces the cold run exactly (tested).
     """
 
     chunk_tokens: int = 16
-    store_generated: bool = True
+    store_generated: bool = False
     max_store_tokens: int | None = None  # None: the whole context
     enabled: bool = True
 
@@ -92,6 +99,7 @@ class KvPrefixCache:
         llm = backend.llm
         self._ctx = llm._ctx.ctx
         self.n_swa = int(llama_cpp.llama_model_n_swa(llm._model.model))
+        self.swa_full = bool(llm.context_params.swa_full)
         self.n_batch = backend.config.n_batch
         c = policy.chunk_tokens
         if c <= 0 or self.n_batch % c:
@@ -156,7 +164,13 @@ class KvPrefixCache:
         positions: list[np.ndarray] = []
         rows: list[list[tuple[np.ndarray, np.ndarray]]] = []
         for s, sec in enumerate(self.layout.sections):
-            windowed = s == 1
+            # With a full-size SWA cache (llama-cpp-python's default) a cold context keeps
+            # every position in the SWA cache too, at cell == position, and masks the old
+            # ones. Restoring the same cells gives the same cell layout, so attention sums in
+            # the same order and the resumed run is bit-identical to the cold one. (Only the
+            # window would be smaller, but its cells would be relocated, and the changed
+            # summation order can flip a greedy token: measured.)
+            windowed = s == 1 and not self.swa_full
             first = max(0, n_tok - self.n_swa) if windowed else 0
             c0 = first // c
             skip = first - c0 * c

@@ -1,0 +1,245 @@
+"""Signed, batched advertisements of shared cache entries on ``otd/1/ads/<model_hash>``.
+
+An advertisement is a msgpack map signed by the producer's node key::
+
+    {v: 1, model_hash, producer, addrs: [multiaddr], ts: ms, seq: int,
+     entries: [[cache_level, key, size, output_sha256], ...], sig}
+
+`AdValidator` is the GossipSub topic validator: it rejects (and so never forwards) oversize,
+malformed, unsigned or badly signed ads, ads of another model, ads whose producer is not the
+pubsub origin, stale or future ads, replays (a sequence number not above the last accepted one
+from that producer) and ads from banned peers. Accepted ads feed the `GossipIndex`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from p2pcache.identity import Identity
+from p2pcache.net.peer_keys import canonical, verify_by_peer
+
+log = logging.getLogger(__name__)
+
+AD_VERSION = 1
+MAX_AD_BYTES = 64 * 1024
+MAX_AD_ENTRIES = 512
+MAX_ADDRS = 8
+MAX_AGE_S = 600.0  # older ads are stale
+MAX_SKEW_S = 60.0  # ads from further in the future are refused
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+LEVELS = ("decoder_final", "kv_prefix")
+
+
+def ads_topic(model_hash: str) -> str:
+    return f"otd/1/ads/{model_hash}"
+
+
+@dataclass(frozen=True)
+class AdEntry:
+    cache_level: str
+    key: str
+    size: int
+    output_sha256: str
+
+
+@dataclass(frozen=True)
+class Advert:
+    model_hash: str
+    producer: str
+    addrs: tuple[str, ...]
+    ts: int
+    seq: int
+    entries: tuple[AdEntry, ...]
+    sig: bytes = b""
+
+    def payload(self) -> bytes:
+        return canonical(b"otd-ad-v1", self.model_hash, self.producer, list(self.addrs), self.ts,
+                         self.seq, [[e.cache_level, e.key, e.size, e.output_sha256] for e in self.entries])
+
+    def encode(self) -> bytes:
+        return msgpack.packb({
+            "v": AD_VERSION, "model_hash": self.model_hash, "producer": self.producer,
+            "addrs": list(self.addrs), "ts": self.ts, "seq": self.seq,
+            "entries": [[e.cache_level, e.key, e.size, e.output_sha256] for e in self.entries],
+            "sig": self.sig,
+        }, use_bin_type=True)
+
+
+def make_advert(identity: Identity, model_hash: str, addrs: Sequence[str], seq: int,
+                entries: Sequence[AdEntry], ts: int | None = None) -> Advert:
+    ad = Advert(model_hash, identity.peer_id, tuple(addrs)[:MAX_ADDRS],
+                ts if ts is not None else int(time.time() * 1000), seq, tuple(entries))
+    return Advert(**{**ad.__dict__, "sig": identity.sign(ad.payload())})
+
+
+class AdRejected(ValueError):
+    pass
+
+
+def decode_advert(data: bytes) -> Advert:
+    """Parse and type-check an advert (no signature or freshness checks)."""
+    if len(data) > MAX_AD_BYTES:
+        raise AdRejected(f"oversize: {len(data)} bytes > {MAX_AD_BYTES}")
+    try:
+        m = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=MAX_AD_BYTES,
+                            max_str_len=MAX_AD_BYTES, max_array_len=MAX_AD_ENTRIES * 4, max_map_len=32)
+    except Exception as exc:
+        raise AdRejected(f"malformed: {exc}") from exc
+    if not isinstance(m, dict) or m.get("v") != AD_VERSION:
+        raise AdRejected("malformed: not a v1 advert")
+    try:
+        mh, producer, addrs, ts, seq, raw_entries, sig = (
+            m["model_hash"], m["producer"], m["addrs"], m["ts"], m["seq"], m["entries"], m["sig"])
+    except KeyError as exc:
+        raise AdRejected(f"malformed: missing {exc}") from exc
+    if not (isinstance(mh, str) and _HEX64.match(mh)) or not isinstance(producer, str):
+        raise AdRejected("malformed: model_hash or producer")
+    if not (isinstance(addrs, list) and len(addrs) <= MAX_ADDRS and all(isinstance(a, str) and len(a) < 256 for a in addrs)):
+        raise AdRejected("malformed: addrs")
+    if type(ts) is not int or type(seq) is not int or seq < 0 or not isinstance(sig, bytes):
+        raise AdRejected("malformed: ts, seq or sig")
+    if not isinstance(raw_entries, list) or not 0 < len(raw_entries) <= MAX_AD_ENTRIES:
+        raise AdRejected("malformed: entries")
+    entries = []
+    for e in raw_entries:
+        if not (isinstance(e, list) and len(e) == 4):
+            raise AdRejected("malformed: entry")
+        level, key, size, osha = e
+        if level not in LEVELS or not (isinstance(key, str) and _HEX64.match(key)) \
+                or type(size) is not int or size < 0 or not (isinstance(osha, str) and _HEX64.match(osha)):
+            raise AdRejected("malformed: entry fields")
+        entries.append(AdEntry(level, key, size, osha))
+    return Advert(mh, producer, tuple(addrs), ts, seq, tuple(entries), sig)
+
+
+@dataclass
+class Provider:
+    peer_id: str
+    addrs: tuple[str, ...]
+    size: int
+    output_sha256: str
+    seen_at: float
+
+
+class GossipIndex:
+    """Who has what: key -> providers, from accepted adverts. Bounded (oldest keys dropped)."""
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self.max_keys = max_keys
+        self._by_key: OrderedDict[tuple[str, str], dict[str, Provider]] = OrderedDict()
+        self.addrs: dict[str, tuple[str, ...]] = {}
+
+    def add(self, ad: Advert) -> None:
+        now = time.monotonic()
+        if ad.addrs:
+            self.addrs[ad.producer] = ad.addrs
+        for e in ad.entries:
+            k = (e.cache_level, e.key)
+            provs = self._by_key.get(k)
+            if provs is None:
+                provs = self._by_key[k] = {}
+            else:
+                self._by_key.move_to_end(k)
+            provs[ad.producer] = Provider(ad.producer, ad.addrs, e.size, e.output_sha256, now)
+        while len(self._by_key) > self.max_keys:
+            self._by_key.popitem(last=False)
+
+    def providers(self, key: str, level: str = "decoder_final") -> list[Provider]:
+        return list(self._by_key.get((level, key), {}).values())
+
+    def forget_peer(self, peer_id: str) -> None:
+        for provs in self._by_key.values():
+            provs.pop(peer_id, None)
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def snapshot(self) -> dict[str, Any]:
+        peers: dict[str, int] = {}
+        for provs in self._by_key.values():
+            for p in provs:
+                peers[p] = peers.get(p, 0) + 1
+        return {"keys": len(self._by_key), "providers": peers}
+
+
+@dataclass
+class AdStats:
+    accepted: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    def reject(self, reason: str) -> None:
+        kind = reason.split(":")[0]
+        self.rejected[kind] = self.rejected.get(kind, 0) + 1
+
+
+class AdValidator:
+    """The topic validator (sync, cheap: one Ed25519 verify) and the index feeder."""
+
+    def __init__(self, model_hash: str, index: GossipIndex, self_id: str,
+                 is_banned: Callable[[str], bool] = lambda _p: False,
+                 max_age_s: float = MAX_AGE_S, max_skew_s: float = MAX_SKEW_S) -> None:
+        self.model_hash = model_hash
+        self.index = index
+        self.self_id = self_id
+        self.is_banned = is_banned
+        self.max_age_s = max_age_s
+        self.max_skew_s = max_skew_s
+        self.last_seq: dict[str, int] = {}
+        self.stats = AdStats()
+
+    def check(self, data: bytes, origin: str | None, topic: str | None = None) -> Advert:
+        """Return the advert if acceptable, else raise `AdRejected` with the reason."""
+        if topic is not None and topic != ads_topic(self.model_hash):
+            raise AdRejected("wrong-model: topic")
+        ad = decode_advert(data)
+        if ad.model_hash != self.model_hash:
+            raise AdRejected(f"wrong-model: {ad.model_hash[:12]}")
+        if origin is not None and ad.producer != origin:
+            raise AdRejected("unsigned: producer is not the pubsub origin")
+        if not verify_by_peer(ad.producer, ad.sig, ad.payload()):
+            raise AdRejected("bad-signature")
+        now = time.time() * 1000
+        if ad.ts < now - self.max_age_s * 1000:
+            raise AdRejected("stale: too old")
+        if ad.ts > now + self.max_skew_s * 1000:
+            raise AdRejected("stale: from the future")
+        if ad.seq <= self.last_seq.get(ad.producer, -1):
+            raise AdRejected(f"replay: seq {ad.seq} <= {self.last_seq[ad.producer]}")
+        if self.is_banned(ad.producer):
+            raise AdRejected("banned")
+        return ad
+
+    def accept(self, ad: Advert) -> None:
+        self.last_seq[ad.producer] = ad.seq
+        if ad.producer != self.self_id:
+            self.index.add(ad)
+        self.stats.accepted += 1
+
+    def __call__(self, forwarder: object, msg: Any) -> bool:
+        """py-libp2p topic validator: ``(msg_forwarder, rpc_pb2.Message) -> bool``."""
+        from libp2p.peer.id import ID
+
+        try:
+            origin = ID(msg.from_id).to_base58() if msg.from_id else None
+            if origin is None:
+                raise AdRejected("unsigned: no origin")
+            topic = msg.topicIDs[0] if len(msg.topicIDs) == 1 else None
+            ad = self.check(bytes(msg.data), origin, topic)
+        except AdRejected as exc:
+            self.stats.reject(str(exc))
+            log.info("advert rejected (via %s): %s", str(forwarder)[:16], exc)
+            return False
+        except Exception as exc:  # never let a hostile message crash the pubsub loop
+            self.stats.reject("malformed")
+            log.info("advert rejected: %r", exc)
+            return False
+        self.accept(ad)
+        return True

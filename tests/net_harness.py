@@ -1,0 +1,135 @@
+"""Peers in separate processes for the network tests (see tests/net_peer.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+PEER = Path(__file__).with_name("net_peer.py")
+ROOT = PEER.parent.parent
+
+
+class Peer:
+    def __init__(self, *args: str, data_dir: Path | None = None, ready_timeout: float = 90.0) -> None:
+        cmd = [sys.executable, str(PEER), *args]
+        if data_dir is not None:
+            cmd += ["--data-dir", str(data_dir)]
+        self.stderr_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"net-peer-{os.getpid()}-{id(self)}.log"
+        self._err = self.stderr_path.open("wb")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
+                                     text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        self.lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.events: list[dict[str, Any]] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+        ready = self.wait_event("ready", ready_timeout)
+        self.peer_id: str = ready["peer_id"]
+        self.addrs: list[str] = ready["addrs"]
+        self.addr = self.addrs[0]
+        self.model_hash: str = ready["model_hash"]
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                self.lines.put(json.loads(line))
+            except ValueError:
+                continue
+        self.lines.put(None)
+
+    def _next(self, timeout: float) -> dict[str, Any]:
+        try:
+            msg = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"peer gave no answer in {timeout} s; stderr: {self.stderr_tail()}") from None
+        if msg is None:
+            raise RuntimeError(f"peer exited (rc={self.proc.poll()}); stderr: {self.stderr_tail()}")
+        return msg
+
+    def wait_event(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
+        for e in self.events:
+            if e.get("event") == name:
+                self.events.remove(e)
+                return e
+        while True:
+            msg = self._next(timeout)
+            if msg.get("event") == name:
+                return msg
+            if "event" in msg:
+                self.events.append(msg)
+
+    def call(self, cmd: str, timeout: float = 60.0, **kw: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
+        self.proc.stdin.flush()
+        while True:
+            msg = self._next(timeout)
+            if "event" in msg:
+                self.events.append(msg)
+                continue
+            if not msg.get("ok"):
+                raise RuntimeError(f"{cmd} failed: {msg.get('error')}\n{msg.get('trace', '')}")
+            return msg
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stderr_tail(self, n: int = 3000) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """Clean shutdown (EOF on stdin); kill if it does not exit in time."""
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+                return self.proc.wait(timeout=timeout)
+            except (subprocess.TimeoutExpired, BrokenPipeError, OSError):
+                self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            self.kill()
+            self._err.close()
+            try:
+                self.stderr_path.unlink()
+            except OSError:
+                pass
+
+
+class Peers:
+    """Starts peers and kills every one of them on exit (also on test failure)."""
+
+    def __init__(self) -> None:
+        self.all: list[Peer] = []
+
+    def start(self, *args: str, **kw: Any) -> Peer:
+        p = Peer(*args, **kw)
+        self.all.append(p)
+        return p
+
+    def __enter__(self) -> Peers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.all:
+            try:
+                p.close()
+            except Exception:
+                p.kill()

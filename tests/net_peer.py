@@ -1,0 +1,228 @@
+"""A p2pcache network peer in its own process, driven over stdin/stdout (JSON lines).
+
+Used by tests/test_net_*.py: real py-libp2p host, real LMDB store, and (with --model) the real
+model for L3 and verification. Prints ``{"event": "ready", ...}`` once listening; then each
+stdin line ``{"cmd": ..., ...}`` gets exactly one JSON reply line. EOF on stdin or
+``{"cmd": "quit"}`` shuts it down cleanly.
+
+Test-only behaviours: ``--evil`` serves altered completions re-signed as its own (a liar);
+``--stall`` sends the response header and half the body, prints ``{"event": "stalled"}`` and
+hangs (the test kills it mid-transfer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import trio
+
+from p2pcache.identity import Identity
+from p2pcache.keys import SamplingParams
+from p2pcache.net.ads import ads_topic
+from p2pcache.net.evidence import evidence_topic
+from p2pcache.net.fetch import (FetchRequest, FetchServer, ResponseHeader, StoreSource, entry_from_wire,
+                                entry_to_wire, fetch, write_body)
+from p2pcache.net.service import NetConfig, NetService, register_tier
+from p2pcache.net.tier import TierConfig
+from p2pcache.net.wire import LEN, pack_msg
+from p2pcache.store import Entry, Output, Store
+
+
+def out(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+class EvilSource(StoreSource):
+    """Serves a stored entry with its last token changed, re-signed by this (lying) node."""
+
+    def __init__(self, store: Store, model_hash: str, identity: Identity) -> None:
+        super().__init__(store, model_hash)
+        self.identity = identity
+
+    def value(self, req: FetchRequest) -> bytes | None:
+        raw = super().value(req)
+        if raw is None:
+            return None
+        e = entry_from_wire(raw)
+        toks = list(e.output.tokens) or [100]
+        toks[-1] = (toks[-1] + 7) % 1000 + 300
+        e.output = Output(toks, e.output.text + " [altered]", e.output.finish_reason)
+        e.producer = self.identity.peer_id
+        e.signature = self.identity.sign(e.signing_payload())
+        return entry_to_wire(e)
+
+
+class StallServer(FetchServer):
+    async def _serve(self, stream: Any, peer: str) -> None:  # header + half the body, then hang
+        from p2pcache.net.wire import FrameReader
+
+        req = FetchRequest.from_msg(await FrameReader(stream).read_msg())
+        body = self.source.value(req)
+        if body is None:
+            return
+        import hashlib
+
+        h = ResponseHeader(req.key, req.model_hash, req.level, req.range, len(body),
+                           hashlib.sha256(body).hexdigest(), peer, self.identity.peer_id, int(time.time() * 1000))
+        h = ResponseHeader(**{**h.__dict__, "sig": self.identity.sign(h.payload())})
+        await stream.write(pack_msg(h.to_msg()))
+        half = body[: len(body) // 2]
+        await stream.write(LEN.pack(len(half)) + half)  # one body frame, then nothing: no end frame
+        out({"event": "stalled"})
+        await trio.sleep_forever()
+
+
+async def main(a: argparse.Namespace) -> None:
+    data_dir = Path(a.data_dir or tempfile.mkdtemp(prefix="otd-peer-"))
+    local = None
+    if a.model:
+        from p2pcache.local import LocalNode, NodeOptions
+
+        local = LocalNode.open(NodeOptions(data_dir=data_dir, n_ctx=2048, kv_prefix=False, durable=False))
+        identity, store, model_hash, worker = local.identity, local.store, local.model_hash, local.worker
+    else:
+        identity = Identity.load_or_create(data_dir / "identity.key")
+        store = Store(data_dir / "store", size_cap=1 << 30, durable=False)
+        model_hash, worker = a.model_hash, None
+    cfg = NetConfig(listen=(f"/ip4/127.0.0.1/tcp/{a.port}",), bootstrap=tuple(a.bootstrap), psk=a.psk,
+                    readvertise_s=a.readvertise_s, ad_batch_s=0.1,
+                    tier=TierConfig(fetch_timeout_s=a.fetch_timeout_s))
+    svc = NetService(identity, store, model_hash, worker, cfg)
+    if a.evil:
+        svc.server.source = EvilSource(store, model_hash, identity)
+    if a.stall:
+        svc.server = StallServer(identity, svc.server.source, svc.server.limits)
+    if local is not None:
+        register_tier(local.resolver, svc.tier)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(svc.run)
+            out({"event": "ready", "peer_id": identity.peer_id, "addrs": svc.addrs(), "model_hash": model_hash})
+            while True:
+                line = await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+                if not line or not line.strip():
+                    if not line:
+                        break
+                    continue
+                try:
+                    cmd = json.loads(line)
+                    if cmd["cmd"] == "quit":
+                        break
+                    out({"ok": True, **(await handle(cmd, svc, store, local, model_hash, identity))})
+                except Exception as exc:
+                    out({"ok": False, "error": repr(exc), "trace": traceback.format_exc()[-1500:]})
+            nursery.cancel_scope.cancel()
+    finally:
+        if local is not None:
+            local.close()
+        else:
+            store.close()
+    out({"event": "stopped"})
+
+
+async def handle(cmd: dict[str, Any], svc: NetService, store: Store, local: Any, model_hash: str,
+                 identity: Identity) -> dict[str, Any]:
+    c = cmd["cmd"]
+    if c == "put_entry":  # a synthetic entry (no model): for fetch/ads tests
+        e = Entry(input_sha256=cmd["key"], model_hash=cmd.get("model_hash", model_hash), cache_level="decoder_final",
+                  output=Output(cmd.get("tokens", [1, 2, 3]), cmd.get("text", "abc")), params={},
+                  privacy_flag=cmd.get("private", False), producer=identity.peer_id)
+        e.signature = identity.sign(e.signing_payload())
+        store.put(e)
+        svc.advertise(e)
+        return {"key": e.input_sha256, "output_sha256": e.output.sha256()}
+    if c == "resolve":
+        from p2pcache.resolver import Request
+
+        params = SamplingParams(**cmd.get("params", {"max_tokens": cmd.get("max_tokens", 16)}))
+        ans = await local.resolve(Request(prompt=cmd["prompt"], params=params, share=cmd.get("share", False)))
+        return {"answer": ans.to_dict()}
+    if c == "fetch":
+        req = FetchRequest(cmd["key"], cmd.get("model_hash", model_hash), cmd.get("level", "decoder_final"),
+                           max_bytes=cmd.get("max_bytes", 1 << 20))
+        try:
+            await svc.ensure_connected(cmd["peer"], cmd.get("addrs", []), 10)
+            got = await fetch(svc.host, cmd["peer"], req, timeout_s=cmd.get("timeout_s", 10))
+        except Exception as exc:
+            return {"fetched": False, "error": type(exc).__name__, "detail": str(exc)}
+        return {"fetched": True, "size": len(got.body), "server": got.header.server,
+                "entry": msgpack.unpackb(bytes(got.body), raw=False)["output"]}
+    if c == "index":
+        return {"providers": [p.peer_id for p in svc.index.providers(cmd["key"], cmd.get("level", "decoder_final"))],
+                "snapshot": svc.index.snapshot()}
+    if c == "stats":
+        return {"ads": {"accepted": svc.validator.stats.accepted, "rejected": svc.validator.stats.rejected},
+                "evidence": svc.evidence_stats, "server": svc.server.stats.__dict__, "tier": svc.tier.stats,
+                "peers": [p["peer_id"] for p in svc.peers()]}
+    if c == "rep":
+        return {"reputation": svc.reputation()}
+    if c == "publish_raw":  # a hostile publisher: arbitrary bytes on a topic
+        topic = {"ads": ads_topic(cmd.get("model_hash", model_hash)),
+                 "evidence": evidence_topic(cmd.get("model_hash", model_hash))}.get(cmd["topic"], cmd["topic"])
+        # A hostile node skips its own validator (py-libp2p validates what it publishes too).
+        saved = svc.pubsub.topic_validators.pop(topic, None)
+        try:
+            await svc.pubsub.publish(topic, bytes.fromhex(cmd["data_hex"]))
+        finally:
+            if saved is not None:
+                svc.pubsub.topic_validators[topic] = saved
+        return {}
+    if c == "wait_provider":  # bounded wait until the index lists a provider of a key
+        with trio.fail_after(cmd.get("timeout_s", 20)):
+            while not svc.index.providers(cmd["key"]):
+                await trio.sleep(0.05)
+        return {"providers": [p.peer_id for p in svc.index.providers(cmd["key"])]}
+    if c == "wait_peers":
+        with trio.fail_after(cmd.get("timeout_s", 20)):
+            while len(svc.host.get_connected_peers()) < cmd["n"]:
+                await trio.sleep(0.05)
+        return {}
+    if c == "wait_mesh":  # until a peer subscribed to our ad topic is in the pubsub view
+        with trio.fail_after(cmd.get("timeout_s", 20)):
+            while len(svc.pubsub.peer_topics.get(ads_topic(model_hash), ())) < cmd["n"]:
+                await trio.sleep(0.05)
+        return {}
+    if c == "wait_rejected":  # until at least n adverts have been rejected in total
+        with trio.fail_after(cmd.get("timeout_s", 20)):
+            while sum(svc.validator.stats.rejected.values()) < cmd["n"]:
+                await trio.sleep(0.05)
+        return {"rejected": svc.validator.stats.rejected}
+    if c == "wait_evidence":
+        with trio.fail_after(cmd.get("timeout_s", 60)):
+            while svc.evidence_stats["confirmed"] + svc.evidence_stats["refuted"] < cmd.get("n", 1):
+                await trio.sleep(0.05)
+        return {"evidence": svc.evidence_stats}
+    if c == "sign_ad":  # a correctly signed advert from this node, for replay tests
+        from p2pcache.net.ads import AdEntry, make_advert
+
+        ad = make_advert(identity, cmd.get("model_hash", model_hash), svc.addrs(), cmd["seq"],
+                         [AdEntry("decoder_final", cmd["key"], 10, "00" * 32)], ts=cmd.get("ts"))
+        return {"data_hex": ad.encode().hex()}
+    raise ValueError(f"unknown command {c!r}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data-dir")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--bootstrap", action="append", default=[])
+    ap.add_argument("--psk")
+    ap.add_argument("--model", action="store_true")
+    ap.add_argument("--model-hash", default="ee" * 32)
+    ap.add_argument("--evil", action="store_true")
+    ap.add_argument("--stall", action="store_true")
+    ap.add_argument("--readvertise-s", type=float, default=1.0)
+    ap.add_argument("--fetch-timeout-s", type=float, default=5.0)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    trio.run(main, args)

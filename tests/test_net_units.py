@@ -1,0 +1,177 @@
+"""Pure pieces of p2pcache.net: identity mapping, adverts, evidence, reputation (real LMDB)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from p2pcache.identity import Identity
+from p2pcache.keys import SamplingParams, input_sha256
+from p2pcache.net.ads import AdEntry, AdRejected, AdValidator, GossipIndex, ads_topic, decode_advert, make_advert
+from p2pcache.net.evidence import EvidenceRejected, decode_evidence, make_evidence
+from p2pcache.net.fetch import FetchRequest, ResponseHeader, entry_from_wire, entry_to_wire
+from p2pcache.net.host import key_pair_from_identity, parse_psk
+from p2pcache.net.peer_keys import public_key_of
+from p2pcache.net.reputation import Reputation, ReputationConfig
+from p2pcache.net.wire import WireError
+from p2pcache.store import Entry, Output, Store
+
+MH = "ab" * 32
+
+
+def ident(tmp_path: Path, name: str = "k") -> Identity:
+    return Identity.load_or_create(tmp_path / name)
+
+
+def test_libp2p_key_matches_identity(tmp_path: Path) -> None:
+    i = ident(tmp_path)
+    from libp2p.peer.id import ID
+
+    kp = key_pair_from_identity(i)
+    assert ID.from_pubkey(kp.public_key).to_base58() == i.peer_id
+    assert public_key_of(i.peer_id) == i.public_bytes
+    # the same file gives the same peer id after a "restart"
+    assert Identity.load_or_create(tmp_path / "k").peer_id == i.peer_id
+
+
+def test_psk_parsing() -> None:
+    assert parse_psk(None) is None
+    assert parse_psk("ab" * 32) == "ab" * 32
+    assert parse_psk(b"\x01" * 32) == "01" * 32
+    for bad in ("xyz", "ab" * 31, b"short"):
+        with pytest.raises(ValueError):
+            parse_psk(bad)  # type: ignore[arg-type]
+
+
+def _validator(tmp_path: Path, **kw: object) -> tuple[AdValidator, Identity]:
+    me = ident(tmp_path, "me")
+    return AdValidator(MH, GossipIndex(), me.peer_id, **kw), ident(tmp_path, "them")  # type: ignore[arg-type]
+
+
+def test_advert_roundtrip_and_index(tmp_path: Path) -> None:
+    v, them = _validator(tmp_path)
+    ad = make_advert(them, MH, ["/ip4/127.0.0.1/tcp/1"], 5, [AdEntry("decoder_final", "01" * 32, 10, "02" * 32)])
+    got = v.check(ad.encode(), them.peer_id, ads_topic(MH))
+    v.accept(got)
+    assert [p.peer_id for p in v.index.providers("01" * 32)] == [them.peer_id]
+
+
+def test_advert_rejections(tmp_path: Path) -> None:
+    v, them = _validator(tmp_path)
+    e = [AdEntry("decoder_final", "01" * 32, 10, "02" * 32)]
+    good = make_advert(them, MH, [], 10, e)
+    cases = {
+        "wrong-model": make_advert(them, "cd" * 32, [], 11, e).encode(),
+        "stale": make_advert(them, MH, [], 12, e, ts=int(time.time() * 1000) - 3_600_000).encode(),
+        "bad-signature": msgpack.packb({**msgpack.unpackb(good.encode()), "seq": 99}),
+        "malformed": b"\x93not a map",
+        "oversize": b"\x00" * (70 * 1024),
+    }
+    for reason, data in cases.items():
+        with pytest.raises(AdRejected, match=reason):
+            v.check(data, them.peer_id)
+    with pytest.raises(AdRejected, match="unsigned"):  # producer is not the pubsub origin
+        v.check(good.encode(), ident(tmp_path, "other").peer_id)
+    with pytest.raises(AdRejected, match="wrong-model"):
+        v.check(good.encode(), them.peer_id, ads_topic("cd" * 32))
+    v.accept(v.check(good.encode(), them.peer_id))
+    with pytest.raises(AdRejected, match="replay"):
+        v.check(good.encode(), them.peer_id)
+    with pytest.raises(AdRejected, match="replay"):
+        v.check(make_advert(them, MH, [], 9, e).encode(), them.peer_id)
+    banned = AdValidator(MH, GossipIndex(), "x", is_banned=lambda p: True)
+    with pytest.raises(AdRejected, match="banned"):
+        banned.check(make_advert(them, MH, [], 1, e).encode(), them.peer_id)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=2048))
+def test_advert_decoder_never_crashes(data: bytes) -> None:
+    try:
+        decode_advert(data)
+    except AdRejected:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["v", "key", "model_hash", "level", "range", "max_bytes"]),
+                       st.one_of(st.integers(), st.text(max_size=70), st.none(), st.lists(st.integers(), max_size=3))))
+def test_fetch_request_parser_rejects_cleanly(m: dict) -> None:
+    try:
+        FetchRequest.from_msg(m)
+    except WireError:
+        pass
+
+
+def _entry(i: Identity, prompt: list[int], params: SamplingParams) -> Entry:
+    e = Entry(input_sha256=input_sha256(MH, prompt, params), model_hash=MH, cache_level="decoder_final",
+              output=Output([5, 6, 7], "xyz"), params=params.to_dict(), privacy_flag=False, producer=i.peer_id)
+    e.signature = i.sign(e.signing_payload())
+    return e
+
+
+def test_evidence_static_checks(tmp_path: Path) -> None:
+    liar, accuser = ident(tmp_path, "liar"), ident(tmp_path, "acc")
+    params = SamplingParams(max_tokens=8)
+    prompt = [2, 10, 11]
+    e = _entry(liar, prompt, params)
+    body = entry_to_wire(e)
+    import hashlib
+
+    h = ResponseHeader(e.input_sha256, MH, "decoder_final", None, len(body), hashlib.sha256(body).hexdigest(),
+                       accuser.peer_id, liar.peer_id, 1)
+    h = ResponseHeader(**{**h.__dict__, "sig": liar.sign(h.payload())})
+    ev = make_evidence(accuser, h, body, prompt, params, "token 2 is not the argmax")
+    got = decode_evidence(ev.encode(), MH)
+    assert got.liar == liar.peer_id and got.entry().output.tokens == [5, 6, 7]
+    with pytest.raises(EvidenceRejected, match="wrong-model"):
+        decode_evidence(ev.encode(), "cd" * 32)
+    forged = make_evidence(accuser, h, body, [2, 10, 12], params, "x")  # prompt not matching the key
+    with pytest.raises(EvidenceRejected, match="key"):
+        decode_evidence(forged.encode(), MH)
+    tampered = make_evidence(accuser, h, body.replace(b"xyz", b"xyw"), prompt, params, "x")
+    with pytest.raises(EvidenceRejected, match="body"):
+        decode_evidence(tampered.encode(), MH)
+    d = msgpack.unpackb(ev.encode(), raw=False)
+    d["reason"] = "changed"
+    with pytest.raises(EvidenceRejected, match="accuser"):
+        decode_evidence(msgpack.packb(d, use_bin_type=True), MH)
+    assert entry_from_wire(body).producer == liar.peer_id
+
+
+def test_reputation_in_store_env(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store", size_cap=64 << 20)
+    try:
+        rep = Reputation(store.env, ReputationConfig(half_life_s=3600))
+        p = "12D3KooWpeer"
+        assert rep.score(p) == 0.5 and not rep.is_banned(p)
+        rep.record_success(p, 1000, 0.01)
+        s1 = rep.score(p)
+        assert s1 > 0.5
+        rep.record_verified_failure(p, b"proof-1", "wrong token")
+        assert rep.score(p) < s1 and not rep.is_banned(p)
+        rep.record_verified_failure(p, b"proof-1", "same proof again")  # counted once
+        assert rep.get(p).failures == pytest.approx(1.0, abs=1e-3)
+        for i in range(2, 5):
+            rep.record_verified_failure(p, f"proof-{i}".encode(), "wrong token")
+        rec = rep.get(p)
+        assert rec.banned() and rec.failures > 3 and len(rec.evidence) == 4
+        assert rep.gossip_score(p) == -1000.0
+        assert rep.evidence(rec.evidence[0]) == b"proof-1"
+        # decay: an hour later (one half-life) the counters halve
+        rec_t = rep.get(p)
+        rep._decay(rec_t, rec_t.updated_at + 3_600_000)
+        assert rec_t.failures == pytest.approx(rec.failures / 2, rel=1e-3)
+    finally:
+        store.close()
+    # persisted in the same LMDB environment as the entries
+    store = Store(tmp_path / "store", size_cap=64 << 20)
+    try:
+        assert Reputation(store.env).is_banned("12D3KooWpeer")
+        assert store.stats().entries == 0
+    finally:
+        store.close()
