@@ -1,7 +1,15 @@
 """Fetch throughput of one value over libp2p (/otd/fetch/1.0.0, Noise + yamux) vs a plain
 trio TCP socket, loopback, server and client in separate processes. Prints a table of medians.
 
-    flock /tmp/p2pcache-bench.lock .venv/bin/python bench/bench_net_fetch.py --mb 64 --runs 5
+    flock -x /tmp/p2pcache-bench.lock .venv/bin/python bench/bench_net_fetch.py --mb 64 --runs 5
+
+Modes: ``tcp-raw`` (plain socket, no integrity work: the issue's 3.8 GB/s baseline),
+``tcp-sha256`` (plain socket + the sha256 the fetch client does), ``tcp-chacha`` (plain socket
+carrying the same ChaCha20-Poly1305 messages of <= 65,535 bytes as Noise, + sha256: the floor
+for any Noise transport in Python), ``libp2p-stock`` (py-libp2p as shipped), ``libp2p-fast``
+(with `p2pcache.net.fastpath`). ``--profile DIR`` writes cProfile stats of both processes
+per libp2p mode and prints the top functions (profiling slows the run; figures then are not
+throughput figures).
 """
 
 from __future__ import annotations
@@ -64,16 +72,41 @@ async def client_libp2p(addr: str, mb: int, runs: int, fast: bool) -> list[float
     return out
 
 
-async def serve_tcp(mb: int) -> None:
+_NOISE_PT = 65535 - 16  # max plaintext per Noise transport message
+
+
+def _nonce(n: int) -> bytes:
+    return b"\x00\x00\x00\x00" + n.to_bytes(8, "little")  # Noise ChaChaPoly nonce
+
+
+async def serve_tcp(mb: int, cipher: bool) -> None:
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
     blob = _blob(mb)
     digest = hashlib.sha256(blob).digest()
+    aead = ChaCha20Poly1305(bytes(32))
 
     async def handler(s: trio.SocketStream) -> None:
+        n = 0
         while (await s.receive_some(1)) == b"g":
             await s.send_all(digest)
             view = memoryview(blob)
-            for off in range(0, len(blob), 1 << 20):
-                await s.send_all(view[off:off + (1 << 20)])
+            if not cipher:
+                for off in range(0, len(blob), 1 << 20):
+                    await s.send_all(view[off:off + (1 << 20)])
+                continue
+            # As Noise: one AEAD message per <= 65,519 plaintext bytes, 2-byte length prefix,
+            # ~1 MB per socket write (what the fast path does).
+            parts: list[bytes] = []
+            for off in range(0, len(blob), _NOISE_PT):
+                ct = aead.encrypt(_nonce(n), view[off:off + _NOISE_PT], None)
+                n += 1
+                parts += (len(ct).to_bytes(2, "big"), ct)
+                if len(parts) >= 32:
+                    await s.send_all(b"".join(parts))
+                    parts = []
+            if parts:
+                await s.send_all(b"".join(parts))
 
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     print("READY", listeners[0].socket.getsockname()[1], flush=True)
@@ -83,9 +116,13 @@ async def serve_tcp(mb: int) -> None:
         n.cancel_scope.cancel()
 
 
-async def client_tcp(port: int, mb: int, runs: int) -> list[float]:
+async def client_tcp(port: int, mb: int, runs: int, mode: str) -> list[float]:
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    aead = ChaCha20Poly1305(bytes(32))
     out = []
     size = mb << 20
+    nonce = 0
     s = await trio.open_tcp_stream("127.0.0.1", port)
     for i in range(runs + 1):
         t0 = time.perf_counter()
@@ -93,10 +130,32 @@ async def client_tcp(port: int, mb: int, runs: int) -> list[float]:
         digest = b""
         while len(digest) < 32:
             digest += await s.receive_some(32 - len(digest))
-        buf = bytearray()
-        while len(buf) < size:
-            buf += await s.receive_some(min(size - len(buf), 1 << 20))
-        assert hashlib.sha256(buf).digest() == digest  # same integrity work as the fetch client
+        if mode == "tcp-chacha":
+            body = bytearray(size)
+            dst = memoryview(body)
+            done = 0
+            raw = bytearray()
+            while done < size:
+                raw += await s.receive_some(1 << 20)
+                pos = 0
+                with memoryview(raw) as rv:
+                    while len(raw) - pos >= 2:
+                        ln = int.from_bytes(rv[pos:pos + 2], "big")
+                        if len(raw) - pos - 2 < ln:
+                            break
+                        pt = aead.decrypt(_nonce(nonce), rv[pos + 2:pos + 2 + ln], None)
+                        nonce += 1
+                        dst[done:done + len(pt)] = pt
+                        done += len(pt)
+                        pos += 2 + ln
+                del raw[:pos]
+            buf: bytes | bytearray = body
+        else:
+            buf = bytearray()
+            while len(buf) < size:
+                buf += await s.receive_some(min(size - len(buf), 1 << 20))
+        if mode != "tcp-raw":
+            assert hashlib.sha256(buf).digest() == digest  # the fetch client's integrity work
         if i:
             out.append(time.perf_counter() - t0)
     await s.aclose()
@@ -124,41 +183,99 @@ def _stop(p: subprocess.Popen[str]) -> None:
         p.wait()
 
 
+def _client(args: list[str]) -> list[float]:
+    """One client process (the fast path patches py-libp2p process-wide, so stock and fast
+    clients must not share a process); it prints its timings as the last line."""
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        raise RuntimeError(f"client failed: {out.stderr[-2000:]}")
+    return [float(x) for x in out.stdout.strip().splitlines()[-1].split()]
+
+
+def _run(fn, *args, prof: str | None = None):  # type: ignore[no-untyped-def]
+    """trio.run, under cProfile when ``prof`` names an output file."""
+    if not prof:
+        return trio.run(fn, *args)
+    import cProfile
+
+    pr = cProfile.Profile()
+    try:
+        return pr.runcall(trio.run, fn, *args)
+    finally:
+        pr.dump_stats(prof)
+
+
+def _top(path: str, n: int = 18) -> None:
+    import pstats
+
+    print(f"\n--- {path}: top {n} by own time ---")
+    pstats.Stats(path).sort_stats("tottime").print_stats(n)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=int, default=64)
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=3, help="timed fetches per client process")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds; each runs every mode once, interleaved")
     ap.add_argument("--role", default="bench")
     ap.add_argument("--fast", type=int, default=1)
-    ap.add_argument("--modes", default="tcp,libp2p-stock,libp2p-fast")
+    ap.add_argument("--cipher", type=int, default=0)
+    ap.add_argument("--addr", default="")
+    ap.add_argument("--mode", default="")
+    ap.add_argument("--modes", default="tcp-raw,tcp-sha256,tcp-chacha,libp2p-stock,libp2p-fast")
+    ap.add_argument("--profile", default="", help="directory for cProfile stats of both processes")
     a = ap.parse_args()
+    prof = (lambda name: str(Path(a.profile) / name)) if a.profile else (lambda name: None)
+    tag = "fast" if a.fast else "stock"
     if a.role == "serve-libp2p":
-        trio.run(serve_libp2p, a.mb, bool(a.fast))
+        _run(serve_libp2p, a.mb, bool(a.fast), prof=prof(f"server-{tag}.prof"))
         return
     if a.role == "serve-tcp":
-        trio.run(serve_tcp, a.mb)
+        trio.run(serve_tcp, a.mb, bool(a.cipher))
         return
-    rows = []
-    for mode in a.modes.split(","):
-        if mode == "tcp":
-            p, port = _spawn(["--role", "serve-tcp", "--mb", str(a.mb)])
-            try:
-                secs = trio.run(client_tcp, int(port), a.mb, a.runs)
-            finally:
-                _stop(p)
-        else:
-            fast = mode == "libp2p-fast"
-            p, addr = _spawn(["--role", "serve-libp2p", "--mb", str(a.mb), "--fast", str(int(fast))])
-            try:
-                secs = trio.run(client_libp2p, addr, a.mb, a.runs, fast)
-            finally:
-                _stop(p)
+    if a.role == "client-libp2p":
+        secs = _run(client_libp2p, a.addr, a.mb, a.runs, bool(a.fast), prof=prof(f"client-{tag}.prof"))
+        print(" ".join(f"{x:.6f}" for x in secs))
+        return
+    if a.role == "client-tcp":
+        secs = trio.run(client_tcp, int(a.addr), a.mb, a.runs, a.mode)
+        print(" ".join(f"{x:.6f}" for x in secs))
+        return
+    if a.profile:
+        Path(a.profile).mkdir(parents=True, exist_ok=True)
+    modes = a.modes.split(",")
+    load0 = os.getloadavg()[0]  # other work on the machine skews loopback figures: report it
+    servers: dict[str, tuple[subprocess.Popen[str], str]] = {}
+    samples: dict[str, list[float]] = {m: [] for m in modes}
+    extra = ["--profile", a.profile] if a.profile else []
+    try:
+        for m in modes:
+            if m.startswith("tcp"):
+                servers[m] = _spawn(["--role", "serve-tcp", "--mb", str(a.mb), "--cipher", str(int(m == "tcp-chacha"))])
+            else:
+                servers[m] = _spawn(["--role", "serve-libp2p", "--mb", str(a.mb),
+                                     "--fast", str(int(m == "libp2p-fast")), *extra])
+        for _ in range(a.rounds):
+            for m in modes:
+                common = ["--addr", servers[m][1], "--mb", str(a.mb), "--runs", str(a.runs)]
+                if m.startswith("tcp"):
+                    samples[m] += _client(["--role", "client-tcp", "--mode", m, *common])
+                else:
+                    samples[m] += _client(["--role", "client-libp2p", "--fast", str(int(m == "libp2p-fast")),
+                                           *common, *extra])
+    finally:
+        for p, _ in servers.values():
+            _stop(p)
+    print(f"\n{a.mb} MB value, loopback, separate processes; {a.rounds} interleaved rounds x {a.runs} "
+          f"fetches (+1 warm-up each); 1-min load average {load0:.2f} at start, {os.getloadavg()[0]:.2f} at end")
+    print(f"{'transport':<14} {'median s':>9} {'MB/s':>8} {'min s':>7} {'max s':>7} {'n':>3}")
+    for m in modes:
+        secs = samples[m]
         med = statistics.median(secs)
-        rows.append((mode, med, (a.mb << 20) / med / 1e6, min(secs), max(secs)))
-    print(f"\n{a.mb} MB value, loopback, separate processes, {a.runs} runs (+1 warm-up), medians")
-    print(f"{'transport':<16} {'median s':>9} {'MB/s':>9} {'min s':>8} {'max s':>8}")
-    for mode, med, mbs, lo, hi in rows:
-        print(f"{mode:<16} {med:9.3f} {mbs:9.1f} {lo:8.3f} {hi:8.3f}")
+        print(f"{m:<14} {med:9.3f} {(a.mb << 20) / med / 1e6:8.1f} {min(secs):7.3f} {max(secs):7.3f} {len(secs):3d}")
+    if a.profile:
+        for f in sorted(Path(a.profile).glob("*.prof")):
+            _top(str(f))
 
 
 if __name__ == "__main__":

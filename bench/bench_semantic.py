@@ -9,7 +9,8 @@
 3. Gate cost: the gate's time (embed + search + teacher-forced prefill) against generating the
    answer, for the QA answers of the set and for 64-token answers.
 
-Usage: flock /tmp/p2pcache-bench.lock .venv/bin/python bench/bench_semantic.py
+Usage: flock -x /tmp/p2pcache-bench.lock .venv/bin/python bench/bench_semantic.py \
+           [--pairs tests/data/semantic_pairs_heldout.jsonl] [--limit N]
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import trio
 from p2pcache import LocalNode, NodeOptions, Request, SamplingParams
 from p2pcache.semantic.gate import DEFAULT_MARGIN
 from p2pcache.semantic.lexical import lexical_reject
-from p2pcache.semantic.tier import DEFAULT_TAU
+from p2pcache.semantic.tier import DEFAULT_TAU, phrase_similarity
 
 PAIRS = Path(__file__).resolve().parent.parent / "tests" / "data" / "semantic_pairs.jsonl"
 PARAMS = SamplingParams(max_tokens=48, stop=("\n",))
@@ -40,8 +41,9 @@ def qa(text: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--limit", type=int, default=0, help="only the first N pairs of each label")
+    ap.add_argument("--pairs", type=Path, default=PAIRS, help="labelled pairs (JSON lines)")
     args = ap.parse_args()
-    pairs = [json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()]
+    pairs = [json.loads(line) for line in args.pairs.read_text().splitlines() if line.strip()]
     if args.limit:
         by: dict[str, list] = {}
         for p in pairs:
@@ -53,7 +55,7 @@ def main() -> None:
     tier = node.semantic
     assert tier is not None
     counts = ", ".join(f"{k} {sum(p['label'] == k for p in pairs)}" for k in ("paraphrase", "unrelated", "near_miss"))
-    print(f"pairs: {len(pairs)} ({counts}); "
+    print(f"pairs: {args.pairs.name}, {len(pairs)} ({counts}); "
           f"cached prompts: {len(cached_texts)}; tau {tier.config.tau}, margin {tier.config.margin}")
 
     # -- 1. fill the cache (L3), then end-to-end lookups at the defaults -----------------
@@ -67,6 +69,8 @@ def main() -> None:
     rec_of = {r.text: r for r in tier.index.records()}
     e2e = {"paraphrase": [0, 0, 0], "near_miss": [0, 0, 0]}  # served right, served wrong, total
     l1_ms = []
+    l1_gate: list[tuple[float, float]] = []  # (gate ms of an L1 hit, L3 ms of the answer it served)
+    wrong: list[str] = []
     for p in pairs:
         if p["label"] == "unrelated":
             continue  # its query is another pair's paraphrase: counted there
@@ -76,8 +80,12 @@ def main() -> None:
         row[2] += 1
         if a.cache_level == "L1":
             l1_ms.append((time.perf_counter() - t0) * 1000)
+            l1_gate.append((a.details["gate"]["ms"], gen_ms.get(a.details["source_prompt"][len("Question: "):-len("\nAnswer:")], 0.0)))
             right = p["label"] == "paraphrase" and a.details["source_prompt"] == qa(p["cached"])
             row[0 if right else 1] += 1
+            if not right:
+                wrong.append(f"  [{p['kind']}] {p['query']!r} got the answer of {a.details['source_prompt']!r} "
+                             f"(sim {a.details['similarity']:.3f}, gate delta {a.details['gate']['delta']:.2f})")
         # drop the query's own L3 entry so later queries see only the cached prompts
         if a.cache_level == "L3":
             node.store.delete(a.input_sha256)
@@ -87,11 +95,16 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for label, (ok, bad, n) in e2e.items():
         print(f"| {label} ({n}) | {ok + bad} ({(ok + bad) / n:.1%}) | {ok} ({ok / n:.1%}) | {bad} ({bad / n:.1%}) |")
+    if wrong:
+        print("\nWrong answers served:\n" + "\n".join(wrong))
     if l1_ms:
-        print(f"\nL1 hit latency (resolve, incl. embed + search + gate): median {statistics.median(l1_ms):.0f} ms")
+        print(f"\nL1 hit latency (resolve, incl. embed + search + gate): median {statistics.median(l1_ms):.0f} ms; "
+              f"the gate alone (lexical + prefill) median {statistics.median(g for g, _ in l1_gate):.0f} ms; "
+              f"L3 generation of the answers served median {statistics.median(x for _, x in l1_gate):.0f} ms")
 
     # -- 2. pairwise scores ------------------------------------------------------------
     emb = tier.embedder
+    similarity = phrase_similarity(emb)
     rows = []
     gate_ms = []
     for p in pairs:
@@ -100,7 +113,7 @@ def main() -> None:
         qv = emb.embed_one(qa(p["query"]))
         sim = float(np.dot(qv, rec.vec()))
         embed_ms = (time.perf_counter() - t0) * 1000
-        lex = lexical_reject(qa(p["query"]), rec.text)
+        lex = lexical_reject(qa(p["query"]), rec.text, similarity)
         q_tokens = node.backend.tokenize(qa(p["query"]))
         ans = answers[p["cached"]][: rec.gate_tokens]
         if ans:
@@ -155,27 +168,98 @@ def main() -> None:
         if r["lex"] is None and r["delta"] >= -DEFAULT_MARGIN:
             print(f"  passed: [{r['kind']}] {r['cached']!r} -> {r['query']!r} sim {r['sim']:.3f} delta {r['delta']:.2f}")
 
+    # -- 2b. index-wide sweep -------------------------------------------------------------
+    # What the ladder does with the whole index, for other settings than the defaults: each
+    # query's nearest cached prompts, gated in order as SemanticTier.lookup does (at most
+    # max_gated model calls), so a near-miss can also be served another pair's answer.
+    lex_memo: dict[tuple[str, str], str | None] = {}
+    delta_memo: dict[tuple[str, str], float] = {}
+
+    def gate_verdict(query: str, rec, mode: str, margin: float) -> bool:  # type: ignore[no-untyped-def]
+        key = (query, rec.text)
+        if mode in ("lexical", "both"):
+            if key not in lex_memo:
+                lex_memo[key] = lexical_reject(qa(query), rec.text, similarity)
+            if lex_memo[key] is not None:
+                return False
+        if mode in ("model", "both"):
+            if key not in delta_memo:
+                ans = answers[rec.text[len("Question: "):-len("\nAnswer:")]][: rec.gate_tokens]
+                s_ = node.backend.score(node.backend.tokenize(qa(query)), ans)
+                delta_memo[key] = s_.mean_logprob - rec.base_logprob
+            if delta_memo[key] < -margin:
+                return False
+        return True
+
+    queries = [p for p in pairs if p["label"] != "unrelated"]
+    neighbours = {p["query"]: tier.index.search(emb.embed_one(qa(p["query"])), tier.config.k) for p in queries}
+
+    def index_wide(tau: float, mode: str, margin: float = DEFAULT_MARGIN) -> tuple[int, int, int, int]:
+        right = wrong_para = wrong_near = 0
+        for p in queries:
+            served = None
+            gated = 0
+            for sim, rec in neighbours[p["query"]]:
+                if sim < tau or (mode != "none" and gated >= tier.config.max_gated):
+                    break
+                gated += 1
+                if mode == "none" or gate_verdict(p["query"], rec, mode, margin):
+                    served = rec
+                    break
+            if served is None:
+                continue
+            if p["label"] == "near_miss":
+                wrong_near += 1
+            elif served.text == qa(p["cached"]):
+                right += 1
+            else:
+                wrong_para += 1
+        return right, wrong_para, wrong_near, len(queries)
+
+    n_para = sum(p["label"] == "paraphrase" for p in queries)
+    n_near = len(queries) - n_para
+    print("\n## Index-wide sweep (every cached prompt in one index, gated as the ladder does)\n")
+    print("| tau | gate | paraphrases served their answer | paraphrases served another answer | near-misses served (false hits) |")
+    print("|---:|---|---:|---:|---:|")
+    for tau in (0.70, 0.75, 0.80, 0.85, 0.90):
+        for mode in ("none", "lexical", "both"):
+            right, wp, wn, _ = index_wide(tau, mode)
+            mark = " **(default)**" if abs(tau - DEFAULT_TAU) < 1e-9 and mode == "both" else ""
+            print(f"| {tau:.2f} | {mode}{mark} | {right} ({right / n_para:.1%}) | {wp} ({wp / n_para:.1%}) | {wn} ({wn / n_near:.1%}) |")
+    print(f"\nmargin sweep at tau {DEFAULT_TAU}, gate lexical + model:\n")
+    print("| margin | paraphrases served their answer | near-misses served |")
+    print("|---:|---:|---:|")
+    for margin in (0.25, 0.5, 1.0, 2.0):
+        right, wp, wn, _ = index_wide(DEFAULT_TAU, "both", margin)
+        print(f"| {margin} | {right} ({right / n_para:.1%}) | {wn} ({wn / n_near:.1%}) |")
+
     # -- 3. gate cost ------------------------------------------------------------------
+    # What an L1 hit spends before answering (embed + FAISS search + lexical + teacher-forced
+    # prefill of new prompt + the first gate_tokens answer tokens) against generating the
+    # answer (L3: prefill + decode). The gate scores a bounded answer prefix, so its cost is
+    # flat in the answer length while generation grows with it.
     ratios = [g / max(gen, 1e-9) for g, gen in gate_ms]
     print("\n## Gate cost\n")
-    print("| answers | median answer tokens | median generation ms | median gate ms | median gate / generation |")
+    print("| answers | median answer tokens | median generation ms | median gate ms (embed + lexical + prefill) | median gate / generation |")
     print("|---|---:|---:|---:|---:|")
-    print(f"| QA set (stop at newline, <=48 tokens) | {statistics.median(len(v) for v in answers.values()):.0f} | "
+    print(f"| QA set as cached (stop at newline, <=48 tokens) | {statistics.median(len(v) for v in answers.values()):.0f} | "
           f"{statistics.median(gen for _, gen in gate_ms):.0f} | {statistics.median(g for g, _ in gate_ms):.0f} | {statistics.median(ratios):.2f} |")
-    long_params = SamplingParams(max_tokens=64)
-    long_rows = []
-    for text in cached_texts[:8]:
-        toks = node.backend.tokenize(qa(text))
-        t0 = time.perf_counter()
-        g = node.backend.generate(toks, long_params)
-        gen = (time.perf_counter() - t0) * 1000
-        t0 = time.perf_counter()
-        emb.embed_one(qa(text))
-        s = node.backend.score(toks, g.tokens[: tier.config.gate_tokens])
-        long_rows.append((len(g.tokens), gen, (time.perf_counter() - t0) * 1000))
-    print(f"| 64-token answers (8 prompts, gate scores the first {tier.config.gate_tokens}) | "
-          f"{statistics.median(r[0] for r in long_rows):.0f} | {statistics.median(r[1] for r in long_rows):.0f} | "
-          f"{statistics.median(r[2] for r in long_rows):.0f} | {statistics.median(r[2] / r[1] for r in long_rows):.2f} |")
+    n_long = min(8, len(cached_texts))
+    for max_tokens in (16, 64, 128, 256):
+        long_rows = []
+        for text in cached_texts[:n_long]:
+            toks = node.backend.tokenize(qa(text))
+            t0 = time.perf_counter()
+            g = node.backend.generate(toks, SamplingParams(max_tokens=max_tokens))
+            gen = (time.perf_counter() - t0) * 1000
+            t0 = time.perf_counter()
+            emb.embed_one(qa(text))
+            lexical_reject(qa(text), qa(text), similarity)
+            node.backend.score(toks, g.tokens[: tier.config.gate_tokens])
+            long_rows.append((len(g.tokens), gen, (time.perf_counter() - t0) * 1000))
+        print(f"| up to {max_tokens} tokens ({n_long} prompts; gate scores the first {tier.config.gate_tokens}) | "
+              f"{statistics.median(r[0] for r in long_rows):.0f} | {statistics.median(r[1] for r in long_rows):.0f} | "
+              f"{statistics.median(r[2] for r in long_rows):.0f} | {statistics.median(r[2] / r[1] for r in long_rows):.2f} |")
     node.close()
     print(f"\n(scores per pair: {tmp / 'pair_scores.json'})")
 

@@ -43,11 +43,15 @@ def out(obj: dict[str, Any]) -> None:
 
 
 class EvilSource(StoreSource):
-    """Serves a stored entry with its last token changed, re-signed by this (lying) node."""
+    """Serves a stored entry with its last token changed, re-signed by this (lying) node.
 
-    def __init__(self, store: Store, model_hash: str, identity: Identity) -> None:
+    With the model loaded the text is the altered tokens' own detokenization, so the lie is
+    self-consistent and only the teacher-forced check on the verifier's model can catch it."""
+
+    def __init__(self, store: Store, model_hash: str, identity: Identity, backend: Any = None) -> None:
         super().__init__(store, model_hash)
         self.identity = identity
+        self.backend = backend
 
     def value(self, req: FetchRequest) -> bytes | None:
         raw = super().value(req)
@@ -56,7 +60,8 @@ class EvilSource(StoreSource):
         e = entry_from_wire(raw)
         toks = list(e.output.tokens) or [100]
         toks[-1] = (toks[-1] + 7) % 1000 + 300
-        e.output = Output(toks, e.output.text + " [altered]", e.output.finish_reason)
+        text = self.backend.detokenize(toks) if self.backend is not None else e.output.text + " [altered]"
+        e.output = Output(toks, text, e.output.finish_reason)
         e.producer = self.identity.peer_id
         e.signature = self.identity.sign(e.signing_payload())
         return entry_to_wire(e)
@@ -99,7 +104,7 @@ async def main(a: argparse.Namespace) -> None:
                     tier=TierConfig(fetch_timeout_s=a.fetch_timeout_s))
     svc = NetService(identity, store, model_hash, worker, cfg)
     if a.evil:
-        svc.server.source = EvilSource(store, model_hash, identity)
+        svc.server.source = EvilSource(store, model_hash, identity, local.backend if local is not None else None)
     if a.stall:
         svc.server = StallServer(identity, svc.server.source, svc.server.limits)
     if local is not None:
@@ -157,6 +162,26 @@ async def handle(cmd: dict[str, Any], svc: NetService, store: Store, local: Any,
             return {"fetched": False, "error": type(exc).__name__, "detail": str(exc)}
         return {"fetched": True, "size": len(got.body), "server": got.header.server,
                 "entry": msgpack.unpackb(bytes(got.body), raw=False)["output"]}
+    if c == "raw_fetch":  # a hostile client: arbitrary bytes on /otd/fetch/1.0.0, returns the reply
+        from libp2p.peer.id import ID
+
+        from p2pcache.net.fetch import FETCH_PROTOCOL
+        from p2pcache.net.wire import FrameReader, WireError
+
+        await svc.ensure_connected(cmd["peer"], cmd.get("addrs", []), 10)
+        with trio.fail_after(cmd.get("timeout_s", 10)):
+            stream = await svc.host.new_stream(ID.from_base58(cmd["peer"]), [FETCH_PROTOCOL])
+            await stream.write(bytes.fromhex(cmd["data_hex"]))
+            try:
+                reply = await FrameReader(stream).read_msg()
+            except WireError as exc:  # the server reset or closed the stream
+                return {"reply": None, "detail": str(exc)}
+            finally:
+                try:
+                    await stream.reset()
+                except Exception:
+                    pass
+        return {"reply": {k: v for k, v in reply.items() if k != "sig"}}
     if c == "index":
         return {"providers": [p.peer_id for p in svc.index.providers(cmd["key"], cmd.get("level", "decoder_final"))],
                 "snapshot": svc.index.snapshot()}

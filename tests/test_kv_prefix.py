@@ -57,7 +57,8 @@ def test_state_layout_round_trips(kv: KvPrefixCache, backend: LlamaBackend) -> N
     assert layout == kv.layout and len(sections) == 2
     assert list(sections[0].positions) == list(range(len(tokens)))
     assert list(sections[1].positions) == list(range(len(tokens) - kv.n_swa, len(tokens)))
-    size = build_state(layout, [s.positions for s in sections], [list(zip(s.k, s.v)) for s in sections], kv.buf)
+    rows = [[([k], [v]) for k, v in zip(s.k, s.v)] for s in sections]
+    size = build_state(layout, [s.positions for s in sections], rows, kv.buf)
     assert bytes(kv.buf.view(size)) == original
 
 
@@ -181,16 +182,31 @@ def test_shared_prefix_is_stored_once_and_evicted_by_cap(
     s = chunks.stats()
     assert s.dedup_ratio > 2.5, s
     assert s.lookups == 3 and s.lookup_hits == 2 and 0 < s.token_hit_rate < 1
-    # A cap of four chunks: older chunks are evicted, the cap holds, answers stay correct.
+    # A cap of four chunks. A 7-chunk prompt stores only the head that fits (a tail without
+    # its head is useless); a later prompt evicts the least recently used chain; the cap
+    # holds and answers stay correct.
     small = KvChunkStore(store, size_cap=4 * (kv.chunk_bytes + 64))
     small.purge()
     kv_small = KvPrefixCache(backend, small, default_model_hash, KvPolicy(chunk_tokens=C))
-    tokens = backend.tokenize(long_text("evict", 6))
-    pg = run_kv(kv_small, tokens)
+    first = backend.tokenize(long_text("evict", 6))
+    assert len(first) >= 7 * C
+    pg = run_kv(kv_small, first)
     st = small.stats()
-    assert st.bytes <= small.size_cap and st.evictions > 0 and st.chunks == 4
-    assert pg.generation.tokens == backend.generate(tokens, GREEDY).tokens
-    assert kv_small.generate(tokens, GREEDY).cached_tokens == 0  # chunk 0 went first (LRU)
+    assert st.chunks == 4 and st.bytes <= small.size_cap and st.evictions == 0
+    assert small.present(chunk_hashes(kv_small.config, first)[:4]) == [True] * 4
+    cold_first = backend.generate(first, GREEDY).tokens
+    assert pg.generation.tokens == cold_first
+    resumed = run_kv(kv_small, first)
+    assert resumed.cached_tokens == 4 * C and resumed.generation.tokens == cold_first
+    # Its tail (chunks 4-6) may not push out its own head.
+    assert small.stats().evictions == 0
+    assert small.present(chunk_hashes(kv_small.config, first)[:4]) == [True] * 4
+    second = backend.tokenize(long_text("other", 6))
+    assert run_kv(kv_small, second).cached_tokens == 0
+    st = small.stats()
+    assert st.chunks == 4 and st.bytes <= small.size_cap and st.evictions == 4
+    assert kv_small.generate(first, GREEDY).cached_tokens == 0  # least recently used: gone
+    assert kv_small.generate(second, GREEDY).cached_tokens == 4 * C
 
 
 def test_resolver_reuses_the_previous_chat_turn(resolver: Resolver, store: Store, default_model_hash: str) -> None:

@@ -180,6 +180,59 @@ def test_models_admin_and_metrics(node: NodeProcess, client: openai.OpenAI) -> N
     assert l3 == cache["answers_by_level"]["L3"]
 
 
+def test_admin_providers_and_reputation_validate_their_queries(node: NodeProcess) -> None:
+    key = "ab" * 32
+    r = httpx.get(node.url + "/admin/providers", params={"key": key, "wait_s": "0.2"}, timeout=10)
+    assert r.status_code == 200 and r.json()["providers"] == [] and r.json()["key"] == key
+    for params, param in (({"key": "xyz"}, "key"), ({"key": key, "wait_s": "600"}, "wait_s"),
+                          ({"key": key, "wait_s": "soon"}, "wait_s"), ({"key": key, "level": "L9"}, "level")):
+        r = httpx.get(node.url + "/admin/providers", params=params, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    r = httpx.get(node.url + "/admin/reputation", params={"peer_id": "not a peer id!"}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "peer_id"
+    other = "12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo"
+    r = httpx.get(node.url + "/admin/reputation", params={"peer_id": other}, timeout=10)
+    assert r.status_code == 200 and all(p["peer_id"] == other for p in r.json()["peers"])
+    assert httpx.get(node.url + "/healthz", timeout=10).status_code == 200  # still serving
+
+
+def test_share_by_default_node_shares_unless_the_request_says_private(tmp_path: Path) -> None:
+    n = start_node("sharing", tmp_path / "sharing", extra=("--n-ctx", "1024", "--share-by-default"))
+    try:
+        model = n.ready["model"]
+        keys = {}
+        for name, extra in (("default", {}), ("private", {"share": False}), ("shared", {"share": True})):
+            body = {"model": model, "prompt": unique(name), "max_tokens": 2, **extra}
+            r = httpx.post(n.url + "/v1/completions", json=body, timeout=HTTP_TIMEOUT)
+            assert r.status_code == 200, r.text
+            keys[name] = r.json()["x_cache"]["input_sha256"]
+        assert status(n)["share_by_default"] is True
+        entries = httpx.get(n.url + "/admin/cache", params={"entries": 10}, timeout=10).json()["entries"]
+        flags = {e["input_sha256"]: e["privacy_flag"] for e in entries}
+        assert (flags[keys["default"]], flags[keys["private"]], flags[keys["shared"]]) == (False, True, False)
+    finally:
+        assert n.stop() == 0, n.log_tail()
+
+
+def test_second_signal_stops_at_once_and_still_exits_cleanly(tmp_path: Path) -> None:
+    n = start_node("twice", tmp_path / "twice", extra=("--n-ctx", "1024"))
+    body = {"model": n.ready["model"], "prompt": unique("Hello"), "max_tokens": 2}
+    assert httpx.post(n.url + "/v1/completions", json=body, timeout=HTTP_TIMEOUT).status_code == 200
+    n.signal()
+    n.signal()  # e.g. Ctrl-C pressed twice: no drain, but LMDB still closes
+    try:
+        code = n.proc.wait(timeout=60)
+    finally:
+        if n.proc.poll() is None:
+            n.proc.kill()
+    assert code == 0, n.log_tail()
+    msgs = [rec.get("msg") for rec in n.log_records()]
+    assert "second signal: stopping now" in msgs and msgs[-1] == "shutdown complete", msgs[-5:]
+    assert not (n.data_dir / "node.json").exists()
+    with Store(n.data_dir / "store") as store:
+        assert store.verify() == 0 and store.stats().entries == 1
+
+
 def test_full_queue_answers_429_and_503_never_hangs(tmp_path: Path) -> None:
     n = start_node("busy", tmp_path / "busy", extra=("--n-ctx", "1024", "--max-queue", "1"),
                    env={"P2PCACHE_QUEUE_TIMEOUT_S": "0.3"})
@@ -257,5 +310,9 @@ def test_cli_talks_to_the_running_node(node: NodeProcess) -> None:
     assert stats["entries"] >= 1 and "answers_by_level" in stats
     peers = json.loads(cli("node", "peers", "--url", node.url, "--json").stdout)
     assert peers["peer_id"] == node.peer_id and isinstance(peers["peers"], list)
+    rep = json.loads(cli("node", "reputation", "--url", node.url, "--json").stdout)
+    assert rep["peer_id"] == node.peer_id and isinstance(rep["peers"], list)
+    bad = cli("node", "reputation", "--url", node.url, "--peer", "not a peer!")
+    assert bad.returncode == 2 and "peer_id must be a base58 libp2p peer id" in bad.stderr
     gone = cli("node", "status", "--url", "http://127.0.0.1:1", "--json")
     assert gone.returncode == 2 and "cannot reach the node" in gone.stderr

@@ -114,3 +114,32 @@ def test_cli_help_lists_flags_and_env() -> None:
     assert r.returncode == 0
     for text in ("--config", "--data-dir", "--listen", "--http", "--bootstrap", "--model", "P2PCACHE_MAX_QUEUE"):
         assert text in r.stdout, text
+
+
+def test_bootstrap_addrs_of_a_remote_node_skip_its_loopback() -> None:
+    from p2pcache.node.daemon import _reachable
+
+    pid = "12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo"
+    both = [f"/ip4/172.18.0.2/tcp/4001/p2p/{pid}", f"/ip4/127.0.0.1/tcp/4001/p2p/{pid}"]
+    # another container: its 127.0.0.1 would dial ourselves
+    assert _reachable(both, "http://bootstrap:8080") == both[:1]
+    # the same host: loopback is the way in
+    assert _reachable(both, "http://127.0.0.1:18080") == both
+    assert _reachable(both[1:], "http://bootstrap:8080") == both[1:]  # nothing better: keep it
+
+
+def test_a_wildcard_listener_is_announced_as_dialable_addresses() -> None:
+    import trio
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from p2pcache.identity import Identity
+    from p2pcache.net.host import HostConfig, full_addrs, running_host
+
+    async def main() -> list[str]:
+        ident = Identity(Ed25519PrivateKey.generate())
+        async with running_host(ident, HostConfig(listen=("/ip4/0.0.0.0/tcp/0",))) as host:
+            return full_addrs(host)
+
+    addrs = trio.run(main)
+    assert addrs and not any("/0.0.0.0/" in a for a in addrs)
+    assert addrs[-1].startswith("/ip4/127.0.0.1/tcp/") and "/p2p/12D3KooW" in addrs[-1]

@@ -16,6 +16,7 @@ from p2pcache.keys import SamplingParams
 from p2pcache.resolver import Request, Resolver
 from p2pcache.semantic import Embedder, SemanticConfig, SemanticTier
 from p2pcache.semantic.lexical import lexical_reject
+from p2pcache.semantic.tier import phrase_similarity
 from p2pcache.store import Store
 
 PARAMS = SamplingParams(max_tokens=24, stop=("\n",))
@@ -75,16 +76,27 @@ def test_embeddings_are_unit_vectors_and_rank_paraphrases_first(embedder: Embedd
         ("Who wrote Macbeth?", "Who wrote Hamlet?", "entities"),
         ("Flights from Rome to Paris", "Flights from Paris to Rome", "order"),
         ("What is the smallest planet?", "What is the largest planet?", "opposite"),
+        ("Where was the Eiffel Tower built?", "When was the Eiffel Tower built?", "question type"),
+        ("How do I convert an integer to a string?", "How do I convert a string to an integer?", "order"),
+        ("What eats pandas?", "What do pandas eat?", "order"),
+        ("How do I sort a dictionary by key?", "How do I sort a dictionary by value?", "swapped words"),
+        ("Who stole the Mona Lisa?", "Who painted the Mona Lisa?", "swapped words"),
     ],
 )
-def test_lexical_checks_reject_near_misses(new: str, old: str, reason: str) -> None:
-    why = lexical_reject(new, old)
+def test_lexical_checks_reject_near_misses(new: str, old: str, reason: str, embedder: Embedder) -> None:
+    why = lexical_reject(new, old, phrase_similarity(embedder))
     assert why is not None and reason in why
 
 
-def test_lexical_checks_pass_paraphrases() -> None:
-    assert lexical_reject("Which city is France's capital?", "What is the capital of France?") is None
-    assert lexical_reject("How can I quit the Vim editor?", "How do I exit Vim?") is None
+def test_lexical_checks_pass_paraphrases(embedder: Embedder) -> None:
+    sim = phrase_similarity(embedder)
+    assert lexical_reject("Which city is France's capital?", "What is the capital of France?", sim) is None
+    assert lexical_reject("How can I exit the Vim editor?", "How do I exit Vim?", sim) is None
+    assert lexical_reject("How many ounces make up one pound?", "How many ounces are in a pound?", sim) is None
+    # A synonym swap passes when the embedder finds the words alike; without it, any swap rejects.
+    new, old = "When was the Eiffel Tower constructed?", "When was the Eiffel Tower built?"
+    assert lexical_reject(new, old, sim) is None
+    assert "swapped words" in (lexical_reject(new, old) or "")
 
 
 # -- the backend's teacher-forced scoring -----------------------------------------------------
@@ -141,14 +153,42 @@ def test_paraphrase_is_served_from_l1_with_scores(
 
 
 @pytest.mark.model
+@pytest.mark.parametrize(
+    ("cached", "near", "reason"),
+    [
+        ("How do I sort a dictionary by value in Python?", "How do I sort a dictionary by key in Python?",
+         "swapped words"),
+        ("Convert 5 miles to kilometers.", "Convert 50 miles to kilometers.", "numbers"),
+        ("When was the Eiffel Tower built?", "Where was the Eiffel Tower built?", "question type"),
+    ],
+)
 def test_near_miss_is_rejected_by_the_gate(
+    store: Store, backend: LlamaBackend, default_model_hash: str, tmp_path: Path, embedder: Embedder,
+    cached: str, near: str, reason: str,
+) -> None:
+    # Default settings. The near-miss is above tau, so similarity alone would serve the cached
+    # answer: only the gate stands between it and a wrong answer.
+    resolver, tier = make(store, backend, default_model_hash, tmp_path, embedder)
+    first = ask(resolver, cached)
+    assert first.cache_level == "L3"
+    sim = float(embedder.embed_one(qa(near)) @ tier.index.get(first.input_sha256).vec())
+    assert sim >= tier.config.tau
+    answer = ask(resolver, near)
+    assert answer.cache_level == "L3" and resolver.computations == 2
+    assert tier.gate_rejections == 1 and tier.hits == 0
+    assert tier.last_gate is not None and not tier.last_gate.accepted
+    assert reason in tier.last_gate.reason
+
+
+@pytest.mark.model
+def test_unrelated_prompt_below_tau_never_reaches_the_gate(
     store: Store, backend: LlamaBackend, default_model_hash: str, tmp_path: Path, embedder: Embedder
 ) -> None:
     resolver, tier = make(store, backend, default_model_hash, tmp_path, embedder)
     assert ask(resolver, "What is the capital of France?").cache_level == "L3"
-    near = ask(resolver, "What is the capital of Germany?")
+    near = ask(resolver, "What is the capital of Germany?")  # cosine 0.68 < tau 0.80
     assert near.cache_level == "L3" and "Paris" not in near.text
-    assert tier.gate_rejections == 1
+    assert tier.gate_rejections == 0 and tier.last_gate is None
 
 
 @pytest.mark.model
@@ -163,6 +203,8 @@ def test_model_gate_alone_rejects_a_near_miss_that_similarity_accepts(
     assert sim >= 0.6  # similarity alone would serve "Paris" for Germany
     near = ask(resolver, "What is the capital of Germany?")
     assert near.cache_level == "L3" and tier.gate_rejections == 1
+    assert tier.last_gate is not None and tier.last_gate.delta is not None
+    assert tier.last_gate.delta < -tier.config.margin  # "Paris" is far less likely after "Germany"
 
 
 @pytest.mark.model

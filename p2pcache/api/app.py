@@ -5,7 +5,7 @@
   it: the ``x_cache`` object in the body (every chunk when streamed) and the
   ``X-Cache-Level`` header.
 - ``GET /admin/status``, ``/admin/cache``, ``/admin/peers``, ``/admin/reputation``,
-  ``GET /metrics`` (Prometheus), ``GET /healthz``.
+  ``/admin/providers``, ``GET /metrics`` (Prometheus), ``GET /healthz``.
 
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad
 request, 404 for an unknown model, 413 for an oversize body, 429 when the model's queue is
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -178,13 +179,24 @@ class Api:
                         code="queue_full", headers={"Retry-After": "1"})
 
     def _x_cache(self, a: Answer) -> dict[str, Any]:
-        return {
+        x = {
             "level": a.cache_level,
             "input_sha256": a.input_sha256,
             "model_hash": a.model_hash,
             "single_flight": bool(a.details.get("single_flight")),
             "timings": {k: round(v, 3) if isinstance(v, float) else v for k, v in vars(a.timings).items()},
+            **({"semantic": self._semantic(a)} if a.cache_level == "L1" else {}),
         }
+        if a.cache_level == "L2":  # which peer, verified, fetch and verification times
+            x["peer"] = {k: a.details[k] for k in ("peer", "producer", "verified", "fetch_ms", "verify_ms", "bytes")
+                         if k in a.details}
+        return x
+
+    @staticmethod
+    def _semantic(a: Answer) -> dict[str, Any]:
+        """An L1 answer's evidence: how similar the cached prompt was and what the gate scored."""
+        d = a.details
+        return {k: d.get(k) for k in ("similarity", "tau", "source_input_sha256", "gate")}
 
     def _headers(self, a: Answer) -> dict[str, str]:
         return {"X-Cache-Level": a.cache_level, "X-Cache-Key": a.input_sha256}
@@ -360,11 +372,38 @@ class Api:
 
     async def peers(self, request: HttpRequest) -> Response:
         self._admin(request)
-        return FastJSON({"peer_id": self.node.identity.peer_id, "peers": self.rt.network.peers()})
+        net = self.rt.network
+        stats = net.stats() if hasattr(net, "stats") else {}
+        return FastJSON({"peer_id": self.node.identity.peer_id, "peers": net.peers(), "stats": stats})
 
     async def reputation(self, request: HttpRequest) -> Response:
+        """Every peer's record, or one peer's (``?peer_id=``) with its evidence spelled out."""
         self._admin(request)
-        return FastJSON({"peer_id": self.node.identity.peer_id, "peers": self.rt.network.reputation()})
+        peer = request.query_params.get("peer_id")
+        if peer is not None and not _PEER_ID.fullmatch(peer):
+            raise ApiError(400, "peer_id must be a base58 libp2p peer id", param="peer_id")
+        rows = self.rt.network.reputation(peer) if peer else self.rt.network.reputation()
+        return FastJSON({"peer_id": self.node.identity.peer_id, "peers": rows})
+
+    async def providers(self, request: HttpRequest) -> Response:
+        """Peers that advertised ``key`` (gossip index), optionally waiting up to ``wait_s`` for
+        the first advert to arrive: lets scripts wait for propagation on an event, not a sleep."""
+        self._admin(request)
+        q = request.query_params
+        key, level = q.get("key", ""), q.get("level", "decoder_final")
+        if not _KEY.fullmatch(key):
+            raise ApiError(400, "key must be 64 lowercase hex characters (an input_sha256)", param="key")
+        if level not in ("decoder_final", "kv_prefix"):
+            raise ApiError(400, "level must be decoder_final or kv_prefix", param="level")
+        try:
+            wait_s = float(q.get("wait_s", "0"))
+        except ValueError:
+            wait_s = -1.0
+        if not 0.0 <= wait_s <= 60.0:
+            raise ApiError(400, "wait_s must be a number from 0 to 60", param="wait_s")
+        wait = getattr(self.rt.network, "wait_providers", None)
+        found = await wait(key, level, wait_s) if wait is not None else []
+        return FastJSON({"peer_id": self.node.identity.peer_id, "key": key, "level": level, "providers": found})
 
     async def metrics_endpoint(self, request: HttpRequest) -> Response:
         self._admin(request)
@@ -387,6 +426,10 @@ class Api:
         }
 
 
+_KEY = re.compile(r"[0-9a-f]{64}")
+_PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{20,128}")
+
+
 def _usage(a: Answer) -> dict[str, int]:
     p, c = a.timings.prompt_tokens, a.timings.completion_tokens
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
@@ -407,7 +450,7 @@ class Observe:
 
     ROUTES = frozenset({
         "/v1/completions", "/v1/chat/completions", "/v1/models", "/admin/status", "/admin/cache",
-        "/admin/peers", "/admin/reputation", "/metrics", "/healthz",
+        "/admin/peers", "/admin/reputation", "/admin/providers", "/metrics", "/healthz",
     })
 
     def __init__(self, app: ASGIApp, runtime: NodeRuntime) -> None:
@@ -455,6 +498,7 @@ def create_app(runtime: NodeRuntime) -> ASGIApp:
         Route("/admin/cache", _wrap(api.cache), methods=["GET"]),
         Route("/admin/peers", _wrap(api.peers), methods=["GET"]),
         Route("/admin/reputation", _wrap(api.reputation), methods=["GET"]),
+        Route("/admin/providers", _wrap(api.providers), methods=["GET"]),
         Route("/metrics", _wrap(api.metrics_endpoint), methods=["GET"]),
         Route("/healthz", _wrap(api.healthz), methods=["GET"]),
     ]

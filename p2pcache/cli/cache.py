@@ -166,6 +166,7 @@ def similar(
     gate's lexical verdict (the model part of the gate runs only when a request is served)."""
     from p2pcache.semantic import Embedder, EmbedderUnavailable, SemanticIndex
     from p2pcache.semantic.lexical import lexical_reject
+    from p2pcache.semantic.tier import phrase_similarity
 
     dd = DataDir.resolve(data_dir)
     with _open(data_dir) as store:
@@ -178,6 +179,7 @@ def similar(
             {p.stem for p in directory.glob("*.faiss")} if directory.exists() else set()
         )
         vec = embedder.embed_one(prompt)
+        similarity = phrase_similarity(embedder)
         hits = []
         for mh in models:
             index = SemanticIndex(store, directory, mh, embedder.dim)
@@ -188,7 +190,7 @@ def similar(
                 hits.append({
                     "similarity": sim, "input_sha256": rec.input_sha256, "model_hash": mh,
                     "faiss_id": rec.faiss_id, "prompt": rec.text, "answer": entry.output.text,
-                    "hits": entry.hits, "lexical": lexical_reject(prompt, rec.text) or "ok",
+                    "hits": entry.hits, "lexical": lexical_reject(prompt, rec.text, similarity) or "ok",
                     "base_logprob": rec.base_logprob,
                 })
             index.close()

@@ -111,6 +111,15 @@ def demo(
 
             step(n1, "Q1", q1)
             step(n1, "Q1 again", q1)
+            if networked:  # wait (bounded) until node-1's advert for Q1 has reached node-2
+                key = rows[0][3]["x"]["input_sha256"]
+                with err_console.status(f"{n2.name}: waiting for {n1.name}'s advertisement of Q1 …"):
+                    wait_s = max(0.0, min(30.0, deadline - time.monotonic()))
+                    r = client.get(f"{n2.url}/admin/providers", params={"key": key, "wait_s": wait_s},
+                                   timeout=wait_s + 10)
+                    heard = r.status_code == 200 and n1.peer_id in r.json().get("providers", [])
+                if not heard:
+                    err_console.print(f"[yellow]{n2.name} has not heard of Q1 from {n1.name} yet; it may compute it.[/]")
             step(n2, "Q1 (other node)", q1)
             step(n2, "Q3 completion", q3, chat=False)
             step(n2, "Q3 again", q3, chat=False)
@@ -147,6 +156,12 @@ def demo(
             f"{len(rows)} answers, {computed} computed by a model (L3); "
             + (f"L0 hits took {min(l0):.1f}-{max(l0):.1f} ms, L3 answers {min(l3):.0f}-{max(l3):.0f} ms." if l0 and l3 else "")
         )
+        q1_other = next((r for node, what, _p, r in rows if what == "Q1 (other node)"), None)
+        if networked and q1_other is not None and q1_other["level"] == "L3":
+            out_console.print(
+                f"[dim]{n2.name} computed Q1 itself (L3): for an answer this short its cost model found "
+                f"computing cheaper than fetching and verifying {n1.name}'s (try a larger --max-tokens).[/]"
+            )
         if not networked:
             out_console.print(
                 "[dim]These nodes run without the network layer (no p2p addresses), so node-2 computed "

@@ -79,6 +79,7 @@ def generate(
     ] = False,
     tau: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="L1 similarity threshold.")] = None,
     n_ctx: Annotated[int, typer.Option("--n-ctx", min=256, help="Context window in tokens.")] = 8192,
+    kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16, q8_0, q4_0 (part of kv_config).")] = "f16",
     data_dir: DataDirOpt = None,
     json: JsonOpt = False,
 ) -> None:
@@ -102,8 +103,8 @@ def generate(
 
     try:
         with progress_bars(err_console) as progress, err_console.status("Loading model…"):
-            node = LocalNode.open(NodeOptions(data_dir=data_dir, model=model, n_ctx=n_ctx, semantic=semantic, semantic_tau=tau), progress)
-    except ModelNotFound as exc:
+            node = LocalNode.open(NodeOptions(data_dir=data_dir, model=model, n_ctx=n_ctx, semantic=semantic, semantic_tau=tau, kv_type=kv_type), progress)
+    except (ModelNotFound, ValueError) as exc:
         raise fail(str(exc)) from None
     with node:
         try:

@@ -134,9 +134,14 @@ def peers(url: UrlOpt = None, data_dir: DataDirLookupOpt = None, admin_token: To
 
 
 @app.command()
-def reputation(url: UrlOpt = None, data_dir: DataDirLookupOpt = None, admin_token: TokenOpt = None, json: JsonOpt = False) -> None:
-    """Reputation of every peer a running node knows (/admin/reputation)."""
-    doc = _get(url, data_dir, "/admin/reputation", admin_token)
+def reputation(
+    url: UrlOpt = None, data_dir: DataDirLookupOpt = None, admin_token: TokenOpt = None, json: JsonOpt = False,
+    peer: Annotated[Optional[str], typer.Option("--peer", help="Only this peer id, with its evidence spelled out.")] = None,
+) -> None:
+    """Reputation of every peer a running node knows: score, history, ban state (/admin/reputation)."""
+    from urllib.parse import quote
+
+    doc = _get(url, data_dir, "/admin/reputation" + (f"?peer_id={quote(peer)}" if peer else ""), admin_token)
     if json:
         print_json(doc)
         return

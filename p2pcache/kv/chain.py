@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import msgpack
 import numpy as np
 
-STATE_FORMAT_VERSION = 1  # bump when the chunk payload layout changes
+STATE_FORMAT_VERSION = 2  # bump when the chunk payload layout changes (2: V kept transposed)
 
 
 @dataclass(frozen=True)

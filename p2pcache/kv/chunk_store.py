@@ -4,9 +4,13 @@
   payload``. The checksum is xxh3 rather than blake2b because a 2k-token restore reads ~38 MB
   and blake2b alone would take ~50 ms of a ~100 ms budget (xxh3: ~4 ms). It guards against
   corruption; trust in a peer's chunks is the reputation layer's job.
-- ``kv_use``:    chunk hash -> u64 last use (ms). Eviction drops the least recently used
-  chunks first. Uses are buffered in memory and written with the next store (a restore must
-  not pay an fsync).
+- ``kv_use``:    chunk hash -> u64 last use (ms) | u32 depth (chunk index in its chain).
+  Eviction drops the least recently used chunks first and, among chunks used at the same
+  time, the deepest first: a chain's tail is worthless without its head, and the head serves
+  every longer prefix. A store never evicts a chunk worth more than the one it would make
+  room for (so a long prompt cannot push out its own head), and stores only the head of a
+  prefix that does not fit the cap. Uses are buffered in memory and written with the next
+  store (a restore must not pay an fsync).
 - ``kv_meta``:   counters, updated in the same transaction as the data they count.
 
 Dropping a chunk in the middle of a chain only shortens the prefixes found through it: a
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _VERSION = 1
 _HEAD = struct.Struct("<B16sI")
+_USE = struct.Struct("<QI")  # last use (ms), depth in the chain
 
 COUNTERS = (
     "chunks", "bytes", "chunk_puts", "logical_bytes", "evictions", "corrupt_dropped",
@@ -75,6 +80,29 @@ def _u64(v: bytes | None) -> int:
     return int.from_bytes(v, "little") if v else 0
 
 
+def _use(at_ms: int, depth: int) -> bytes:
+    return _USE.pack(at_ms, depth)
+
+
+def _rank(v: bytes) -> tuple[int, int]:
+    """Eviction order: lowest first (oldest use, then deepest chunk)."""
+    if len(v) >= _USE.size:
+        at, depth = _USE.unpack_from(v, 0)
+    else:  # an 8-byte value of an older store: no depth
+        at, depth = _u64(v), 0
+    return at, -depth
+
+
+@dataclass(frozen=True)
+class NewChunk:
+    """A chunk to store: its chain hash, its index in the chain, its token count, payload."""
+
+    hash: bytes
+    depth: int
+    n_tokens: int
+    payload: bytes | memoryview
+
+
 def frame(h: bytes, n_tokens: int, payload: bytes | memoryview) -> bytes:
     digest = xxhash.xxh3_128(h)
     digest.update(payload)
@@ -109,7 +137,7 @@ class KvChunkStore:
         self._use = self.env.open_db(b"kv_use")
         self._meta = self.env.open_db(b"kv_meta")
         self._lock = threading.Lock()
-        self._pending_use: dict[bytes, int] = {}
+        self._pending_use: dict[bytes, tuple[int, int]] = {}
         self._pending_counts: dict[str, int] = {}
 
     # -- reads -------------------------------------------------------------------------
@@ -146,8 +174,8 @@ class KvChunkStore:
         if n:
             t = now_ms()
             with self._lock:
-                for h in hashes[:n]:
-                    self._pending_use[h] = t
+                for depth, h in enumerate(hashes[:n]):
+                    self._pending_use[h] = (t, depth)
         return n, result
 
     def present(self, hashes: Sequence[bytes]) -> list[bool]:
@@ -163,49 +191,64 @@ class KvChunkStore:
             c["restored_tokens"] = c.get("restored_tokens", 0) + restored_tokens
 
     # -- writes ------------------------------------------------------------------------
-    def put_many(self, chunks: Sequence[tuple[bytes, int, bytes | memoryview]], offered_bytes: int) -> int:
-        """Store new chunks (hash, n_tokens, payload) in one transaction; counts
-        ``offered_bytes`` (every chunk of the prefix, stored or already present) towards the
-        dedup ratio. Returns bytes added. Raises lmdb.Error; the caller logs and goes on."""
+    def put_many(self, chunks: Sequence[NewChunk], offered_bytes: int, used_at: int | None = None) -> int:
+        """Store new chunks (in chain order) in one transaction, stamped as used at
+        ``used_at`` (ms; the request's lookup time, so its restored head and its new tail
+        rank as one use). Counts ``offered_bytes`` (every chunk of the prefix, stored or
+        already present) towards the dedup ratio. Returns bytes added. Raises lmdb.Error;
+        the caller logs and goes on."""
         with self._lock:
             uses, self._pending_use = self._pending_use, {}
             counts, self._pending_counts = self._pending_counts, {}
-        framed = [(h, frame(h, n, p)) for h, n, p in chunks]
-        need = sum(len(v) for _, v in framed)
+        framed = [(c.hash, c.depth, frame(c.hash, c.n_tokens, c.payload)) for c in chunks]
+        at = now_ms() if used_at is None else used_at
         for attempt in range(2):
             try:
-                return self._put(framed, need, uses, counts, len(chunks), offered_bytes, attempt > 0)
+                return self._put(framed, at, uses, counts, len(chunks), offered_bytes, attempt > 0)
             except lmdb.MapFullError:
                 log.warning("LMDB map full while storing KV chunks; evicting harder")
         return 0
 
     def _put(
         self,
-        framed: list[tuple[bytes, bytes]],
-        need: int,
-        uses: dict[bytes, int],
+        framed: list[tuple[bytes, int, bytes]],
+        at: int,
+        uses: dict[bytes, tuple[int, int]],
         counts: dict[str, int],
         n_offered: int,
         offered_bytes: int,
         aggressive: bool,
     ) -> int:
         added = 0
-        t = now_ms()
         with self.env.begin(write=True) as txn:
-            for h, at in uses.items():
+            for h, (t, depth) in uses.items():
                 if txn.get(h, db=self._chunks) is not None:
-                    txn.put(h, at.to_bytes(8, "little"), db=self._use)
+                    txn.put(h, _use(t, depth), db=self._use)
             for name, delta in counts.items():
                 self._add(txn, name, delta)
-            self._make_room(txn, need, aggressive)
-            for h, value in framed:
+            total = _u64(txn.get(b"bytes", db=self._meta))
+            cap = min(self.size_cap, int(total * 0.75)) if aggressive else self.size_cap
+            if aggressive:  # the map is full: free a quarter of what is stored first
+                total = self._evict(txn, total, cap, None)
+            victims: list[tuple[tuple[int, int], bytes]] | None = None
+            for h, depth, value in framed:
                 if txn.get(h, db=self._chunks) is not None:
-                    txn.put(h, t.to_bytes(8, "little"), db=self._use)
+                    txn.put(h, _use(at, depth), db=self._use)
                     continue
+                if total + len(value) > cap:
+                    if victims is None:  # least valuable first; a full scan, see _evict
+                        victims = sorted((_rank(bytes(v)), bytes(k)) for k, v in txn.cursor(db=self._use))
+                        victims.reverse()  # pop() from the end
+                    total = self._evict(txn, total, cap - len(value), (at, -depth), victims)
+                    if total + len(value) > cap:
+                        # Everything left is worth more than this chunk (and the chunks after
+                        # it in the chain, which are deeper): store only the head.
+                        break
                 txn.put(h, value, db=self._chunks)
-                txn.put(h, t.to_bytes(8, "little"), db=self._use)
+                txn.put(h, _use(at, depth), db=self._use)
                 self._add(txn, "chunks", 1)
                 self._add(txn, "bytes", len(value))
+                total += len(value)
                 added += len(value)
             self._add(txn, "chunk_puts", n_offered)
             self._add(txn, "logical_bytes", offered_bytes)
@@ -238,17 +281,24 @@ class KvChunkStore:
             key = name.encode()
             txn.put(key, max(0, _u64(txn.get(key, db=self._meta)) + delta).to_bytes(8, "little"), db=self._meta)
 
-    def _make_room(self, txn: lmdb.Transaction, need: int, aggressive: bool = False) -> None:
-        total = _u64(txn.get(b"bytes", db=self._meta))
-        cap = int(total * 0.75) if aggressive else self.size_cap  # map full: free a quarter
-        if total + need <= cap:
-            return
-        # Least recently used first. A full scan of kv_use: chunks are large (hundreds of KB),
-        # so even a big store has few of them, and eviction is rare.
-        by_age = sorted(((_u64(v), bytes(k)) for k, v in txn.cursor(db=self._use)))
-        for _, h in by_age:
-            if total + need <= cap:
+    def _evict(
+        self,
+        txn: lmdb.Transaction,
+        total: int,
+        target: int,
+        worth: tuple[int, int] | None,
+        victims: list[tuple[tuple[int, int], bytes]] | None = None,
+    ) -> int:
+        """Drop chunks, least valuable first, until ``total <= target``; with ``worth``,
+        only chunks ranked below it. Returns the new total. A full scan of kv_use: chunks
+        are large (hundreds of KB), so even a big store has few of them."""
+        if victims is None:
+            victims = sorted(((_rank(bytes(v)), bytes(k)) for k, v in txn.cursor(db=self._use)), reverse=True)
+        while total > target and victims:
+            rank, h = victims[-1]
+            if worth is not None and rank >= worth:
                 break
+            victims.pop()
             raw = txn.get(h, db=self._chunks)
             txn.delete(h, db=self._use)
             if raw is None:
@@ -258,6 +308,7 @@ class KvChunkStore:
             self._add(txn, "chunks", -1)
             self._add(txn, "bytes", -len(raw))
             self._add(txn, "evictions", 1)
+        return total
 
     def _drop_corrupt(self, h: bytes, reason: str) -> None:
         log.error("corrupt KV chunk %s dropped (%s); prefilling instead", h.hex()[:16], reason)

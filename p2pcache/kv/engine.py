@@ -28,7 +28,8 @@ import numpy as np
 from p2pcache.backend.llama_backend import Generation, LlamaBackend
 from p2pcache.keys import SamplingParams
 from p2pcache.kv.chain import KvConfig, chunk_hashes
-from p2pcache.kv.chunk_store import KvChunkStore
+from p2pcache.kv.chunk_store import KvChunkStore, NewChunk
+from p2pcache.store.records import now_ms
 from p2pcache.kv.state_format import (
     Section,
     StateBuffer,
@@ -36,6 +37,7 @@ from p2pcache.kv.state_format import (
     StateLayout,
     build_state,
     parse_state,
+    v_cells,
 )
 
 log = logging.getLogger(__name__)
@@ -71,12 +73,13 @@ class KvPolicy:
 class PendingChunks:
     """New chunks captured by a generation, to be written off the model thread."""
 
-    chunks: list[tuple[bytes, int, bytes]] = field(default_factory=list)
+    chunks: list[NewChunk] = field(default_factory=list)  # in chain order
     offered_bytes: int = 0  # bytes of every chunk of the prefix, new or already stored
+    used_at: int | None = None  # ms: when the request looked up its prefix
 
     @property
     def new_bytes(self) -> int:
-        return sum(len(p) for _, _, p in self.chunks)
+        return sum(len(c.payload) for c in self.chunks)
 
 
 @dataclass(frozen=True)
@@ -177,9 +180,12 @@ class KvPrefixCache:
             positions.append(np.arange(first, n_tok, dtype=np.int32))
             sec_rows = []
             for li in range(len(sec.layers)):
-                k = np.concatenate([ch[s][li][0] for ch in chunks[c0:]])[skip:]
-                v = np.concatenate([ch[s][li][1] for ch in chunks[c0:]])[skip:]
-                sec_rows.append((k, v))
+                ks = [ch[s][li][0] for ch in chunks[c0:]]
+                vs = [ch[s][li][1] for ch in chunks[c0:]]
+                if skip:  # a window that does not start at a chunk boundary
+                    ks[0] = ks[0][skip:]
+                    vs[0] = v_cells(sec.v_trans, vs[0], skip, c)
+                sec_rows.append((ks, vs))
             rows.append(sec_rows)
         size = build_state(self.layout, positions, rows, self.buf)
         got = llama_cpp.llama_state_seq_set_data_ext(self._ctx, self.buf.array, size, 0, 0)
@@ -189,7 +195,7 @@ class KvPrefixCache:
         return True
 
     def _split_payload(self, payload: memoryview) -> list[list[tuple[np.ndarray, np.ndarray]]]:
-        """A chunk payload as [section][layer] -> (K rows, V rows) views."""
+        """A chunk payload as [section][layer] -> (K rows, V rows or transposed V block) views."""
         assert self.layout is not None
         c = self.policy.chunk_tokens
         off = 0
@@ -199,7 +205,11 @@ class KvPrefixCache:
             for layer in sec.layers:
                 k = np.frombuffer(payload, np.uint8, c * layer.k_row, off).reshape(c, layer.k_row)
                 off += c * layer.k_row
-                v = np.frombuffer(payload, np.uint8, c * layer.v_row, off).reshape(c, layer.v_row)
+                v = np.frombuffer(payload, np.uint8, c * layer.v_row, off)
+                if sec.v_trans:
+                    v = v.reshape(layer.v_row // layer.v_el, c, layer.v_el)
+                else:
+                    v = v.reshape(c, layer.v_row)
                 off += c * layer.v_row
                 layers.append((k, v))
             out.append(layers)
@@ -224,19 +234,23 @@ class KvPrefixCache:
         lo, hi = int(sec.positions[0]), int(sec.positions[-1]) + 1
         if hi - lo != len(sec.positions):  # not one contiguous run of positions: take nothing
             return
+        v_trans = self.layout.sections[-1].v_trans if self.layout else False
         for i in todo:
             a, b = i * c, (i + 1) * c
             if a >= lo and b <= hi:
-                got[i] = [(bytes(k[a - lo : b - lo]), bytes(v[a - lo : b - lo])) for k, v in zip(sec.k, sec.v)]
+                got[i] = [(k[a - lo : b - lo].tobytes(), v_cells(v_trans, v, a - lo, b - lo).tobytes())
+                          for k, v in zip(sec.k, sec.v)]
 
-    def _collect(self, tokens: list[int], first_chunk: int, swa_rows: dict[int, list[tuple[bytes, bytes]]], want: set[int]) -> PendingChunks:
+    def _collect(
+        self, tokens: list[int], used_at: int, swa_rows: dict[int, list[tuple[bytes, bytes]]], want: set[int]
+    ) -> PendingChunks:
         """After generation: the full state gives every row of the full-attention layers;
         windowed rows come from the captures (or the final window)."""
         assert self.layout is not None and self.config is not None
         c = self.policy.chunk_tokens
         n_chunks = len(tokens) // c
         hashes = chunk_hashes(self.config, tokens, n_chunks)
-        pending = PendingChunks(offered_bytes=n_chunks * self.chunk_bytes)
+        pending = PendingChunks(offered_bytes=n_chunks * self.chunk_bytes, used_at=used_at)
         if not want:
             return pending
         _, sections = parse_state(self._read_state(0), n_sections=len(self.layout.sections))
@@ -251,15 +265,16 @@ class KvPrefixCache:
                 continue
             parts: list[bytes] = []
             a, b = i * c, (i + 1) * c
+            v_trans = self.layout.sections[0].v_trans
             for k, v in zip(base.k, base.v):
-                parts += [k[a:b].tobytes(), v[a:b].tobytes()]
+                parts += [k[a:b].tobytes(), v_cells(v_trans, v, a, b).tobytes()]
             if len(sections) == 2:
                 if i not in swa_rows:
                     log.warning("windowed rows of chunk %d were not captured; not storing it", i)
                     continue
                 for k_b, v_b in swa_rows[i]:
                     parts += [k_b, v_b]
-            pending.chunks.append((hashes[i], c, b"".join(parts)))
+            pending.chunks.append(NewChunk(hashes[i], i, c, b"".join(parts)))
         return pending
 
     # -- generation ------------------------------------------------------------------------
@@ -273,6 +288,7 @@ class KvPrefixCache:
             return PrefixGeneration(backend.generate(prompt, params), 0, 0.0, PendingChunks())
         c = self.policy.chunk_tokens
         t0 = time.perf_counter()
+        used_at = now_ms()
         # Restore: the longest stored prefix that leaves at least one token to evaluate
         # (its logits give the first output token).
         hashes = chunk_hashes(self.config, prompt, (len(prompt) - 1) // c)
@@ -344,7 +360,7 @@ class KvPrefixCache:
             evaluated = evaluated[: len(prompt)]
         evaluated = evaluated[: (limit // c) * c]
         try:
-            pending = self._collect(evaluated, n_restored, swa_rows, want)
+            pending = self._collect(evaluated, used_at, swa_rows, want)
         except StateFormatError as exc:
             log.warning("could not capture KV chunks: %s", exc)
             pending = PendingChunks()
@@ -363,7 +379,7 @@ class KvPrefixCache:
         if not pending.chunks and not pending.offered_bytes:
             self.chunks.flush()
             return 0
-        return self.chunks.put_many(pending.chunks, pending.offered_bytes)
+        return self.chunks.put_many(pending.chunks, pending.offered_bytes, pending.used_at)
 
 
 def kv_backend_options(kv_type: str) -> dict[str, object]:

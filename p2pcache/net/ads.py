@@ -136,6 +136,7 @@ class GossipIndex:
         self.max_keys = max_keys
         self._by_key: OrderedDict[tuple[str, str], dict[str, Provider]] = OrderedDict()
         self.addrs: dict[str, tuple[str, ...]] = {}
+        self.on_change: Callable[[], None] | None = None  # e.g. wake waiters for a provider
 
     def add(self, ad: Advert) -> None:
         now = time.monotonic()
@@ -151,13 +152,25 @@ class GossipIndex:
             provs[ad.producer] = Provider(ad.producer, ad.addrs, e.size, e.output_sha256, now)
         while len(self._by_key) > self.max_keys:
             self._by_key.popitem(last=False)
+        if self.on_change is not None:
+            self.on_change()
 
     def providers(self, key: str, level: str = "decoder_final") -> list[Provider]:
         return list(self._by_key.get((level, key), {}).values())
 
+    def forget(self, key: str, peer_id: str, level: str = "decoder_final") -> None:
+        """One provider no longer has one key (it answered not_found)."""
+        provs = self._by_key.get((level, key))
+        if provs is not None:
+            provs.pop(peer_id, None)
+
     def forget_peer(self, peer_id: str) -> None:
         for provs in self._by_key.values():
             provs.pop(peer_id, None)
+
+    def count_of(self, peer_id: str) -> int:
+        """How many keys this peer advertises (as far as we know)."""
+        return sum(1 for provs in self._by_key.values() if peer_id in provs)
 
     def __len__(self) -> int:
         return len(self._by_key)

@@ -76,6 +76,19 @@ def make_evidence(identity: Identity, header: ResponseHeader, body: bytes, promp
     return Evidence(**{**ev.__dict__, "sig": identity.sign(ev.payload())})
 
 
+def describe_evidence(rep: Any, evidence_id: str) -> dict[str, Any]:
+    """What a stored proof says, for the reputation CLI (``rep``: a `Reputation`)."""
+    raw = rep.evidence(evidence_id)
+    if raw is None:
+        return {"id": evidence_id, "missing": True}
+    try:
+        m = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        return {"id": evidence_id, "accuser": str(m["accuser"]), "liar": str(m["header"]["server"]),
+                "key": str(m["header"]["key"]), "reason": str(m["reason"]), "ts": int(m["ts"])}
+    except Exception as exc:
+        return {"id": evidence_id, "unreadable": repr(exc)}
+
+
 def decode_evidence(data: bytes, model_hash: str) -> Evidence:
     """Parse and statically check evidence (signatures, hashes, key); no model run."""
     if len(data) > MAX_EVIDENCE_BYTES:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from libp2p.io.exceptions import IncompleteReadError
@@ -38,6 +39,9 @@ from libp2p.stream_muxer.yamux import yamux as yamux_mod
 log = logging.getLogger(__name__)
 
 FRAME_SIZE = 1024 * 1024  # yamux data frame cap with the fast path
+# A fetch body frame (u32 length + payload) that fills exactly one such yamux frame: a 1 MB
+# payload would spill 16 bytes into a second yamux frame, Noise message and socket write.
+BODY_FRAME = FRAME_SIZE - yamux_mod.HEADER_SIZE - 4
 READ_AHEAD = 1024 * 1024
 GRANT_WINDOW = yamux_mod.MAX_WINDOW_SIZE  # 16 MB
 _MAX_PT = noise_io.MAX_PLAINTEXT_LENGTH
@@ -45,12 +49,20 @@ _LEN2 = struct.Struct(">H")
 _installed = False
 
 
+def _keyed(cipher: Any) -> Any:
+    # noise's CipherState passes data through unencrypted when it has no key. After the
+    # handshake it always has one; refuse rather than ever send or accept plaintext.
+    if not cipher.has_key():
+        raise NoiseInvalidMessage("Noise transport cipher has no key")
+    return cipher
+
+
 async def _write_msg(self: noise_io.NoiseTransportReadWriter, msg: bytes, prefix_encoded: bool = False) -> None:
     if prefix_encoded or len(msg) <= _MAX_PT:
         await _orig_write_msg(self, msg, prefix_encoded)
         return
     # The cipher state directly: NoiseConnection.encrypt insists on bytes (a copy per slice).
-    cipher = self.noise_state.noise_protocol.cipher_state_encrypt
+    cipher = _keyed(self.noise_state.noise_protocol.cipher_state_encrypt)
     view = memoryview(msg)
     parts = []
     for off in range(0, len(msg), _MAX_PT):
@@ -81,7 +93,7 @@ async def _read_msg(self: noise_io.NoiseTransportReadWriter, prefix_encoded: boo
         buf += chunk
     with memoryview(buf) as view:
         try:
-            pt = self.noise_state.noise_protocol.cipher_state_decrypt.decrypt_with_ad(None, view[2:need])
+            pt = _keyed(self.noise_state.noise_protocol.cipher_state_decrypt).decrypt_with_ad(None, view[2:need])
         except InvalidTag as exc:
             raise NoiseInvalidMessage("Failed authentication of message") from exc
     del buf[:need]
@@ -107,11 +119,21 @@ async def _read_exactly(reader: object, n: int, retry_count: int = 100) -> bytes
 
 
 async def _session_read(self: SecureSession, n: int | None = None) -> bytes:
-    """`SecureSession.read` gathering whole Noise messages into one join (was: extend + copy)."""
-    if n is None or n <= 0 or self.low_watermark != self.high_watermark:
+    """`SecureSession.read` gathering whole Noise messages into one join (was: extend + copy).
+
+    Also when a previous read left part of a message buffered: a yamux frame rarely ends on a
+    Noise message boundary, so that is the common case for bulk bodies.
+    """
+    if n is None or n <= 0:
         return await _orig_session_read(self, n)
     parts: list[bytes] = []
     have = 0
+    if self.low_watermark != self.high_watermark:
+        first = self._drain(n)
+        if len(first) == n:
+            return first
+        parts.append(first)
+        have = len(first)
     while have < n:
         msg = await self.conn.read_msg()
         if msg == b"":

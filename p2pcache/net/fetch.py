@@ -35,7 +35,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from p2pcache.identity import Identity
-from p2pcache.net.fastpath import grant_receive_window
+from p2pcache.net.fastpath import BODY_FRAME, grant_receive_window
 from p2pcache.net.peer_keys import canonical, verify_by_peer
 from p2pcache.net.wire import MAX_CONTROL_FRAME, MAX_DATA_FRAME, LEN, FrameReader, WireError, pack_msg
 from p2pcache.store import Entry, Output, Store
@@ -48,6 +48,10 @@ LEVELS = ("decoder_final", "kv_prefix")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_TIMEOUT_S = 30.0
+# Body reads ask yamux for everything buffered (up to the 16 MB window we grant): a read that
+# drains the stream buffer is one copy, while partial reads leave it with a front offset that
+# makes CPython copy the whole buffer on the next append (quadratic in the buffered bytes).
+BODY_READ_SIZE = 16 * 1024 * 1024
 
 
 class FetchError(Exception):
@@ -154,6 +158,7 @@ class Fetched:
     header: ResponseHeader
     body: bytes | bytearray
     seconds: float  # request sent -> last byte checked
+    ttfb: float = 0.0  # request sent -> response header read (latency, for provider ranking)
 
     @property
     def throughput(self) -> float:
@@ -252,7 +257,7 @@ class ChainSource:
 class ServerLimits:
     request_timeout_s: float = 60.0
     max_streams_per_peer: int = 4
-    frame_size: int = 1024 * 1024
+    frame_size: int = BODY_FRAME  # one body frame = one fast-path yamux frame
 
 
 @dataclass
@@ -379,8 +384,9 @@ async def fetch(host: IHost, peer_id: str, req: FetchRequest, timeout_s: float =
             if req.max_bytes > 256 * 1024:
                 await grant_receive_window(stream)
             await stream.write(pack_msg(req.to_msg()))
-            reader = FrameReader(stream)
+            reader = FrameReader(stream, read_size=BODY_READ_SIZE)
             head = await reader.read_msg(MAX_CONTROL_FRAME)
+            ttfb = time.perf_counter() - t0
             status = head.get("status")
             if status == "not_found":
                 raise NotFound(f"{peer_id[:16]} has no {req.key[:12]}")
@@ -402,7 +408,7 @@ async def fetch(host: IHost, peer_id: str, req: FetchRequest, timeout_s: float =
             if digest != header.sha256:
                 raise BadResponse("body does not match the signed sha256")
         await _close(stream)
-        return Fetched(header, body, time.perf_counter() - t0)
+        return Fetched(header, body, time.perf_counter() - t0, ttfb)
     except trio.TooSlowError as exc:
         if stream is not None:
             await _reset(stream)

@@ -7,6 +7,7 @@ yamux; a node here negotiates exactly Noise and yamux, so no connection is ever 
 from __future__ import annotations
 
 import logging
+import socket
 from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -82,13 +83,31 @@ def build_host(identity: Identity, config: HostConfig) -> IHost:
     )
 
 
+def _local_ipv4() -> list[str]:
+    """This machine's IPv4 addresses by its host name (a container's address on its compose
+    network), non-loopback first, then 127.0.0.1."""
+    try:
+        found = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
+    except OSError:
+        found = set()
+    return sorted(a for a in found if not a.startswith("127.")) + ["127.0.0.1"]
+
+
 def full_addrs(host: IHost) -> list[str]:
-    """Dialable addresses of a running host, each ending in /p2p/<peer id>."""
+    """Dialable addresses of a running host, each ending in /p2p/<peer id>.
+
+    A listener on 0.0.0.0 is not dialable (dialing it reaches the dialer itself): it is
+    announced as each local IPv4 address instead, so adverts and /admin/status give peers
+    addresses that reach this node."""
     pid = host.get_id().to_base58()
     out = []
     for a in host.get_addrs():
         s = str(a)
-        out.append(s if "/p2p/" in s else f"{s}/p2p/{pid}")
+        s = s if "/p2p/" in s else f"{s}/p2p/{pid}"
+        if s.startswith("/ip4/0.0.0.0/"):
+            out += [f"/ip4/{ip}/" + s.removeprefix("/ip4/0.0.0.0/") for ip in _local_ipv4()]
+        else:
+            out.append(s)
     return out
 
 

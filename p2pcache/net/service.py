@@ -34,7 +34,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from p2pcache.identity import Identity
 from p2pcache.net import fastpath
 from p2pcache.net.ads import MAX_AD_ENTRIES, AdEntry, AdValidator, GossipIndex, ads_topic, make_advert
-from p2pcache.net.evidence import EvidenceRejected, decode_evidence, evidence_topic
+from p2pcache.net.evidence import EvidenceRejected, decode_evidence, describe_evidence, evidence_topic
 from p2pcache.net.fetch import FetchServer, ServerLimits, StoreSource
 from p2pcache.net.host import HostConfig, dial, full_addrs, running_host
 from p2pcache.net.reputation import Reputation, ReputationConfig
@@ -43,6 +43,7 @@ from p2pcache.net.verify import BackendScorer, VerifyConfig, verify_decoder_fina
 from p2pcache.store import Entry, Store
 
 if TYPE_CHECKING:
+    from p2pcache.api.metrics import NodeMetrics
     from p2pcache.backend import BackendWorker
     from p2pcache.node.runtime import NodeRuntime
     from p2pcache.resolver import Resolver
@@ -74,14 +75,18 @@ class NetConfig:
 
 class NetService:
     def __init__(self, identity: Identity, store: Store, model_hash: str,
-                 worker: BackendWorker | None, config: NetConfig | None = None) -> None:
+                 worker: BackendWorker | None, config: NetConfig | None = None,
+                 metrics: NodeMetrics | None = None) -> None:
         self.identity = identity
+        self.metrics = metrics
         self.store = store
         self.model_hash = model_hash
         self.worker = worker
         self.config = config or NetConfig()
         self.rep = Reputation(store.env, self.config.reputation)
         self.index = GossipIndex()
+        self.index.on_change = self._index_changed
+        self._index_event = trio.Event()  # set (and replaced) whenever an advert lands
         self.validator = AdValidator(model_hash, self.index, identity.peer_id,
                                      is_banned=self.rep.is_banned, max_age_s=self.config.max_ad_age_s)
         self.server = FetchServer(identity, StoreSource(store, model_hash), self.config.server,
@@ -95,6 +100,7 @@ class NetService:
         self._pending_wake = trio.Event()
         self._seq = 0
         self._evidence_send, self._evidence_recv = trio.open_memory_channel[bytes](64)
+        self._nursery: trio.Nursery | None = None
 
     # -- the daemon's view --------------------------------------------------------------
     def addrs(self) -> list[str]:
@@ -104,17 +110,43 @@ class NetService:
         if self.host is None or not self.running:
             return []
         out = []
+        subscribed = self.pubsub.peer_topics.get(ads_topic(self.model_hash), set()) if self.pubsub else set()
         for pid in self.host.get_connected_peers():
             s = pid.to_base58()
             rec = self.rep.get(s)
             out.append({"peer_id": s, "addrs": [str(a) for a in self.host.get_peerstore().addrs(pid)]
                         if _has_addrs(self.host, pid) else [], "score": round(rec.score(), 4),
-                        "banned": rec.banned()})
+                        "banned": rec.banned(), "subscribed": pid in subscribed,
+                        "advertised_keys": self.index.count_of(s)})
         return out
 
-    def reputation(self) -> list[dict[str, Any]]:
-        """Every known peer: score, counts, last seen, ban state, evidence ids."""
-        return [{**r.to_dict(), "banned": r.banned()} for r in self.rep.all()]
+    def reputation(self, peer_id: str | None = None) -> list[dict[str, Any]]:
+        """Every known peer (or one): score, counts, last seen, ban state, evidence.
+
+        With ``peer_id`` the evidence ids are expanded into what each proof says (accuser,
+        reason, key, time), read back from LMDB."""
+        if peer_id is None:
+            return [{**r.to_dict(), "banned": r.banned()} for r in self.rep.all()]
+        rec = self.rep.get(peer_id)
+        return [{**rec.to_dict(), "banned": rec.banned(),
+                 "evidence_detail": [describe_evidence(self.rep, e) for e in rec.evidence]}]
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for /admin/peers: adverts accepted/rejected by reason, evidence, server, L2."""
+        return {"ads": {"accepted": self.validator.stats.accepted, "rejected": dict(self.validator.stats.rejected)},
+                "evidence": dict(self.evidence_stats), "server": dict(vars(self.server.stats)),
+                "tier": dict(self.tier.stats), "index": self.index.snapshot()}
+
+    def _index_changed(self) -> None:
+        self._index_event.set()
+        self._index_event = trio.Event()
+
+    async def wait_providers(self, key: str, level: str = "decoder_final", wait_s: float = 0.0) -> list[str]:
+        """Providers of ``key`` in the gossip index, waiting up to ``wait_s`` for the first one."""
+        with trio.move_on_after(max(0.0, min(wait_s, 60.0))):
+            while not self.index.providers(key, level):
+                await self._index_event.wait()
+        return [p.peer_id for p in self.index.providers(key, level)]
 
     # -- advertising --------------------------------------------------------------------
     def advertise(self, entry: Entry) -> None:
@@ -213,9 +245,25 @@ class NetService:
                 log.warning("evidence from %s refuted: %s is innocent", ev.accuser[:16], ev.liar[:16])
             else:
                 self.evidence_stats["confirmed"] += 1
-                self.rep.record_verified_failure(ev.liar, data, f"evidence from {ev.accuser[:16]}: {verdict.reason}")
-                self.index.forget_peer(ev.liar) if self.rep.is_banned(ev.liar) else None
+                rec = self.rep.record_verified_failure(ev.liar, data, f"evidence from {ev.accuser[:16]}: {verdict.reason}")
+                if rec.banned():
+                    self.on_banned(ev.liar)
                 log.warning("evidence confirmed: %s lied (%s)", ev.liar[:16], verdict.reason)
+
+    def on_banned(self, peer_id: str) -> None:
+        """A banned peer's adverts are dropped and its connection closed (it may not redial:
+        the fetch server and the ad validator refuse it while the ban lasts)."""
+        self.index.forget_peer(peer_id)
+        if self._nursery is not None and self.host is not None:
+            self._nursery.start_soon(self._disconnect, peer_id)
+
+    async def _disconnect(self, peer_id: str) -> None:
+        assert self.host is not None
+        try:
+            with trio.move_on_after(5):
+                await self.host.disconnect(ID.from_base58(peer_id))
+        except Exception as exc:
+            log.info("could not disconnect %s: %r", peer_id[:16], exc)
 
     # -- connections ------------------------------------------------------------------------
     async def ensure_connected(self, peer_id: str, addrs: Sequence[str], timeout_s: float) -> None:
@@ -287,6 +335,7 @@ class NetService:
                     ads_sub = await pubsub.subscribe(ads_topic(self.model_hash))
                     ev_sub = await pubsub.subscribe(evidence_topic(self.model_hash))
                     async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
                         nursery.start_soon(self._drain, ads_sub)
                         nursery.start_soon(self._drain, ev_sub)
                         nursery.start_soon(self._ad_batcher)
@@ -300,6 +349,7 @@ class NetService:
             finally:
                 self.running = False
                 self.pubsub = None
+                self._nursery = None
 
 
 def _has_addrs(host: IHost, pid: ID) -> bool:
@@ -335,6 +385,6 @@ def create_network_service(runtime: NodeRuntime) -> NetService:
     local = runtime.local
     cfg = NetConfig(listen=tuple(runtime.config.listen), bootstrap=tuple(runtime.bootstrap),
                     psk=load_psk(local.data_dir.root))
-    service = NetService(local.identity, local.store, local.model_hash, local.worker, cfg)
+    service = NetService(local.identity, local.store, local.model_hash, local.worker, cfg, runtime.metrics)
     register_tier(local.resolver, service.tier)
     return service

@@ -51,7 +51,11 @@ class Scorer(Protocol):
 
 @dataclass(frozen=True)
 class VerifyConfig:
-    greedy_logit_tol: float = 0.05
+    # Same model, same CPU: llama.cpp's batched prefill and its one-token decode use different
+    # kernels, and honest greedy outputs differ from the prefill's argmax by logit gaps up to
+    # ~0.3 (bench/bench_l2.py, Gemma 3 270M Q4_K_M; 0.05 rejected 3 of 5 honest 256-token
+    # answers). A forger can only pick tokens the local model nearly ties with its argmax.
+    greedy_logit_tol: float = 0.5
     logprob_floor: float = -20.0
 
 

@@ -64,6 +64,11 @@ class NodeProcess:
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
         """SIGTERM, wait for a clean exit (SIGKILL after ``timeout``). Returns the exit code."""
         self.signal(signal.SIGTERM)
+        return self.wait_stopped(timeout)
+
+    def wait_stopped(self, timeout: float = STOP_TIMEOUT_S) -> int:
+        """Wait for the exit after a signal was sent (SIGKILL after ``timeout``); sends nothing,
+        since a second SIGTERM tells the node to stop without draining."""
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -146,7 +151,7 @@ def stop_all(nodes: Sequence[NodeProcess], timeout: float = STOP_TIMEOUT_S) -> d
     codes = {}
     for n in nodes:
         try:
-            codes[n.name] = n.stop(timeout)
+            codes[n.name] = n.wait_stopped(timeout)
         except NodeStartError:
             codes[n.name] = -9
     return codes

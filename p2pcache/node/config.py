@@ -71,6 +71,12 @@ class NodeConfig(BaseModel):
     kv_prefix: bool = Field(True, description="Resume local inference from stored KV prefixes.")
     kv_type: Literal["f16", "q8_0", "q4_0"] = Field("f16", description="KV cache element type.")
     semantic: bool = Field(False, description="Enable L1 (requests opt in with \"semantic\": true).")
+    semantic_tau: float | None = Field(
+        None, ge=0.0, le=1.0, description="L1 cosine similarity a candidate needs (default 0.80)."
+    )
+    semantic_margin: float | None = Field(
+        None, ge=0.0, description="L1 gate: nats per token the cached answer may lose (default 1.0)."
+    )
     size_cap: int = Field(4 * 2**30, gt=0, description="Store size cap in bytes (or 4GiB, 512MB).")
     max_queue: int = Field(16, ge=0, le=100_000, description="Requests that may wait for the model; more get 429.")
     queue_timeout_s: float = Field(60.0, gt=0, description="Longest wait for the model before 503.")

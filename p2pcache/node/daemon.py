@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -52,6 +53,16 @@ def _write_atomic(path: Path, doc: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _reachable(addrs: list[str], url: str) -> list[str]:
+    """The addrs worth dialing: a node reached at a non-loopback URL (another container or
+    host) is not reached at its 127.0.0.1 addresses, which would dial ourselves."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost" or host.startswith("127.") or host == "::1":
+        return addrs
+    remote = [a for a in addrs if not a.startswith("/ip4/127.")]
+    return remote or addrs
+
+
 async def resolve_bootstrap_http(urls: list[str], deadline_s: float) -> list[str]:
     """The ``addrs`` of each node at ``urls`` (``/admin/status``), polling until each answers
     or the deadline passes. A node without the network layer has no addrs: warned, skipped."""
@@ -65,7 +76,7 @@ async def resolve_bootstrap_http(urls: list[str], deadline_s: float) -> list[str
                     try:
                         r = await client.get(f"{url}/admin/status")
                         if r.status_code == 200:
-                            addrs = r.json().get("addrs") or []
+                            addrs = _reachable(r.json().get("addrs") or [], url)
                             if not addrs:
                                 log.warning("bootstrap node has no p2p addresses (no network layer?)",
                                             extra=fields(url=url))
@@ -110,6 +121,9 @@ async def run_node(
 
         if install_signal_handlers:
             await outer.start(watch_signals)
+        # A second signal cancels `_run` from outside: it still closes LMDB (shielded) before
+        # the cancellation ends here, so the forced stop is clean too and keeps exit code 0.
+        code = 0
         code = await _run(config, network_factory, stop, ready_out)
         outer.cancel_scope.cancel()
     return code
@@ -121,11 +135,15 @@ async def _run(config: NodeConfig, network_factory: NetworkFactory | None, stop:
         data_dir=config.data_dir, model=config.model, n_ctx=config.n_ctx,
         n_gpu_layers=config.n_gpu_layers, size_cap=config.size_cap,
         kv_prefix=config.kv_prefix, kv_type=config.kv_type, semantic=config.semantic,
+        semantic_tau=config.semantic_tau, semantic_margin=config.semantic_margin,
     )
-    # Loading blocks for seconds: off the loop, so signals are still noticed.
-    local = await trio.to_thread.run_sync(LocalNode.open, options, abandon_on_cancel=False)
+    # Loading blocks for seconds: off the loop, so signals are still noticed. Shielded, so a
+    # forced stop during loading still gets the opened node back and closes it below.
+    with trio.CancelScope(shield=True):
+        local = await trio.to_thread.run_sync(LocalNode.open, options, abandon_on_cancel=False)
     info_file = node_info_path(local.data_dir.root)
     try:
+        await trio.lowlevel.checkpoint_if_cancelled()
         if stop.is_set():
             return 0
         local.worker.max_waiting = config.max_queue

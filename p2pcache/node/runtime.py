@@ -43,9 +43,14 @@ class NetworkService(Protocol):
         """Connected/known peers: at least ``peer_id`` and ``addrs`` per peer."""
         ...
 
-    def reputation(self) -> list[dict[str, Any]]:
-        """Per peer: at least ``peer_id``, ``score`` (float) and ``banned`` (bool)."""
+    def reputation(self, peer_id: str | None = None) -> list[dict[str, Any]]:
+        """Per peer (or only ``peer_id``): at least ``peer_id``, ``score`` (float) and
+        ``banned`` (bool)."""
         ...
+
+    # Optional (looked up with hasattr/getattr, NoNetwork has them):
+    #   stats() -> dict                      counters shown by /admin/peers
+    #   async wait_providers(key, level, wait_s) -> list[str]   /admin/providers
 
 
 NetworkFactory = Callable[["NodeRuntime"], NetworkService]
@@ -63,7 +68,13 @@ class NoNetwork:
     def peers(self) -> list[dict[str, Any]]:
         return []
 
-    def reputation(self) -> list[dict[str, Any]]:
+    def reputation(self, peer_id: str | None = None) -> list[dict[str, Any]]:
+        return []
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    async def wait_providers(self, key: str, level: str = "decoder_final", wait_s: float = 0.0) -> list[str]:
         return []
 
 

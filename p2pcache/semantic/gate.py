@@ -9,8 +9,11 @@ Two independent signals, both must agree:
    a different question. Optionally the share of answer tokens that stay the model's argmax
    under Q must reach ``min_agreement``.
 2. **Lexical checks** (`p2pcache.semantic.lexical`): numbers, negation, key terms (languages,
-   units, formats), named entities and antonyms must not differ: the near-misses that both
-   sentence embeddings and a 270M model are weakest on.
+   units, formats), named entities, antonyms, the kind of question, the roles of two words,
+   and a swapped content word (unless the embedder finds the two words synonyms) must not
+   differ: the near-misses that both sentence embeddings and a 270M model are weakest on.
+   They run first: they cost microseconds (a swap: one embedding of two words), the model
+   a prefill.
 
 The decision and every score go into ``Answer.details["gate"]``.
 """
@@ -20,11 +23,13 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
+import trio
+
 from p2pcache.backend import BackendWorker
-from p2pcache.semantic.lexical import lexical_reject
+from p2pcache.semantic.lexical import WordSimilarity, lexical_reject
 
 DEFAULT_MARGIN = 1.0
-DEFAULT_GATE_TOKENS = 16
+DEFAULT_GATE_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -52,9 +57,13 @@ class GateResult:
 
 
 class Gate:
-    def __init__(self, worker: BackendWorker, config: GateConfig = GateConfig()) -> None:
+    def __init__(
+        self, worker: BackendWorker, config: GateConfig = GateConfig(),
+        similarity: WordSimilarity | None = None,
+    ) -> None:
         self.worker = worker
         self.config = config
+        self.similarity = similarity  # lets synonym swaps pass the lexical check
 
     async def baseline(self, prompt_tokens: list[int], answer_tokens: list[int]) -> tuple[float, float, int]:
         """(mean log-prob, argmax agreement, tokens scored) of the answer under its own prompt."""
@@ -65,7 +74,7 @@ class Gate:
         return s.mean_logprob, s.argmax_agreement, len(part)
 
     def check_lexical(self, new_text: str, old_text: str) -> GateResult | None:
-        if self.config.lexical and (why := lexical_reject(new_text, old_text)):
+        if self.config.lexical and (why := lexical_reject(new_text, old_text, self.similarity)):
             return GateResult(False, f"lexical: {why}")
         return None
 
@@ -79,7 +88,8 @@ class Gate:
         base_tokens: int,
     ) -> GateResult:
         t0 = time.perf_counter()
-        if (rejected := self.check_lexical(new_text, old_text)) is not None:
+        # Off the event loop: a word swap is judged by one embedding (milliseconds).
+        if (rejected := await trio.to_thread.run_sync(self.check_lexical, new_text, old_text)) is not None:
             rejected.ms = (time.perf_counter() - t0) * 1000
             return rejected
         if not self.config.model:

@@ -11,13 +11,29 @@ A check rejects when the two prompts differ in:
 - "key terms": programming languages, data formats, units, currencies, operating systems;
 - named entities (capitalized words not at a sentence start), as sets, and their order when
   the sets agree ("from Paris to Rome" vs "from Rome to Paris");
-- antonyms, when one prompt has a word and the other its opposite (largest / smallest).
+- antonyms, when one prompt has a word and the other its opposite (largest / smallest);
+- the kind of question (when / where / who / why), when both prompts ask a typed question;
+- word order of two content words ("convert a string to an integer" / "an integer to a
+  string", "what do pandas eat" / "what eats pandas");
+- a swapped content word: the prompts align word by word and a run of content words was
+  replaced by one that does not mean the same ("sort by value" / "sort by key", "who painted"
+  / "who stole"). Whether two words mean the same is asked of the sentence embedder (cosine of
+  the two replaced spans, at least ``SWAP_MIN_SIMILARITY``); without one, any swap rejects.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections import Counter
+from collections.abc import Callable
+
+# Two replaced spans must be at least this similar (MiniLM cosine) to count as synonyms:
+# "built"/"constructed" 0.83, "buy"/"purchase" 0.87 pass; "value"/"key" 0.39,
+# "boiling"/"melting" 0.52, "tokyo"/"osaka" 0.81 (caught as entities) do not.
+SWAP_MIN_SIMILARITY = 0.80
+
+WordSimilarity = Callable[[str, str], float]
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z+#'\-]*|\d+(?:[.,]\d+)*")
 
@@ -113,7 +129,7 @@ def numbers(text: str) -> Counter[str]:
         lw = w.lower()
         if w[0].isdigit():
             out[w.replace(",", "")] += 1
-        elif lw in _NUMBER_WORDS:
+        elif lw in _NUMBER_WORDS and lw != "one":  # "one egg" is "an egg"; "one" vs "two" still differs
             out[_NUMBER_WORDS[lw]] += 1
     return out
 
@@ -133,6 +149,11 @@ def key_terms(text: str) -> set[str]:
         lw = w.lower()
         if lw.endswith("'s"):
             lw = lw[:-2]
+        if lw not in _KEY_TERMS:  # plurals: "viruses" is "virus", "liters" is "liter"
+            for cut in (2, 1):
+                if lw.endswith("es"[2 - cut:]) and lw[:-cut] in _KEY_TERMS:
+                    lw = lw[:-cut]
+                    break
         if lw in _KEY_TERMS:
             found.add(lw)
     # symbols the tokenizer splits off
@@ -168,8 +189,99 @@ def antonym_clash(a: str, b: str) -> str | None:
     return None
 
 
-def lexical_reject(new: str, old: str) -> str | None:
-    """Why ``new`` must not reuse the answer to ``old``, or None when nothing clashes."""
+# Function words: never the "content" of a swap or an order check.
+_STOP = {
+    "a", "an", "the", "i", "me", "my", "we", "our", "you", "your", "it", "its", "they", "them",
+    "their", "he", "she", "his", "her", "this", "that", "these", "those", "there", "here",
+    "is", "are", "was", "were", "be", "been", "being", "am", "do", "does", "did", "doing",
+    "have", "has", "had", "can", "could", "should", "would", "will", "shall", "may", "might",
+    "must", "what", "which", "who", "whom", "whose", "where", "when", "why", "how",
+    "of", "in", "on", "at", "to", "into", "from", "for", "by", "with", "about", "as", "than",
+    "and", "or", "but", "if", "so", "then", "up", "out", "over", "under", "between", "per",
+    "some", "any", "each", "every", "all", "much", "many", "also", "just", "very", "too",
+    "please", "way", "get", "make", "s", "one", "ones", "thing", "things", "kind",
+    "t", "don", "doesn", "didn", "isn", "aren", "wasn", "weren", "won", "can", "couldn",
+}
+_ARTICLES = {"a", "an", "the"}
+_DIRECTIONAL_GAP = {"to", "into", "from", "a", "an", "the"}  # "X to Y": X and Y keep their roles
+_TYPED_WH = {"when": "time", "where": "place", "who": "person", "whom": "person",
+             "whose": "person", "why": "reason"}
+_LOWER_WORD = re.compile(r"[a-z0-9][a-z0-9+#\-]*")
+
+
+def _norm_words(text: str) -> list[str]:
+    out = []
+    for w in _LOWER_WORD.findall(text.lower().replace("’", "'").replace("'s ", " ").replace("'s?", "?")):
+        out.append(w)
+    return out
+
+
+def _stem(w: str) -> str:
+    # Just enough to pair "eats"/"eat", "pandas"/"panda": order checks compare stems.
+    if len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
+        return w[:-1]
+    return w
+
+
+def question_types(text: str) -> set[str]:
+    return {_TYPED_WH[w] for w in _norm_words(text) if w in _TYPED_WH}
+
+
+def directional_pairs(text: str) -> set[tuple[str, str]]:
+    """Consecutive content words with at most to/into/from/articles between them."""
+    words = _norm_words(text)
+    out: set[tuple[str, str]] = set()
+    prev: str | None = None
+    gap_ok = True
+    for w in words:
+        if w in _STOP:
+            if w not in _DIRECTIONAL_GAP:
+                gap_ok = False
+            continue
+        if prev is not None and gap_ok and _stem(prev) != _stem(w):
+            out.add((_stem(prev), _stem(w)))
+        prev, gap_ok = w, True
+    return out
+
+
+def _content(text: str) -> Counter[str]:
+    return Counter(_stem(w) for w in _norm_words(text) if w not in _STOP)
+
+
+def order_swap(new: str, old: str) -> str | None:
+    """Same content words, two of them in swapped roles. Only checked when the content words
+    agree exactly: a rephrasing ("raw eggs" / "eggs raw, safely") changes more than order."""
+    if _content(new) != _content(old):
+        return None
+    pn, po = directional_pairs(new), directional_pairs(old)
+    for a, b in sorted(pn - po):
+        if (b, a) in po and (b, a) not in pn:
+            return f"{a}/{b}"
+    return None
+
+
+def swapped_words(new: str, old: str, similarity: WordSimilarity | None) -> str | None:
+    """A run of content words replaced by one that means something else, or None."""
+    a = [w for w in _norm_words(old) if w not in _ARTICLES]
+    b = [w for w in _norm_words(new) if w not in _ARTICLES]
+    sm = difflib.SequenceMatcher(a=a, b=b, autojunk=False)
+    for op, i1, i2, j1, j2 in sm.get_opcodes():
+        if op != "replace":
+            continue
+        x, y = a[i1:i2], b[j1:j2]
+        if any(w in _STOP for w in x + y):
+            continue  # rephrased around function words: left to the embedding and the model
+        if [_stem(w) for w in x] == [_stem(w) for w in y]:
+            continue
+        xs, ys = " ".join(x), " ".join(y)
+        if similarity is None or similarity(xs, ys) < SWAP_MIN_SIMILARITY:
+            return f"{xs}/{ys}"
+    return None
+
+
+def lexical_reject(new: str, old: str, similarity: WordSimilarity | None = None) -> str | None:
+    """Why ``new`` must not reuse the answer to ``old``, or None when nothing clashes.
+    ``similarity`` (cosine of two short phrases) lets synonym swaps pass; see `swapped_words`."""
     if numbers(new) != numbers(old):
         return "numbers differ"
     if negations(new) != negations(old):
@@ -184,6 +296,13 @@ def lexical_reject(new: str, old: str) -> str | None:
         return "entity order differs"
     if clash := antonym_clash(new, old):
         return f"opposite words ({clash})"
+    qn, qo = question_types(new), question_types(old)
+    if qn and qo and qn != qo:
+        return f"question type differs ({'/'.join(sorted(qn ^ qo))})"
+    if swap := order_swap(new, old):
+        return f"word order differs ({swap})"
+    if swap := swapped_words(new, old, similarity):
+        return f"swapped words ({swap})"
     return None
 
 

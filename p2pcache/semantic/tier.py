@@ -12,6 +12,7 @@ user message, or the completion prompt, may differ), still exist in the store, a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -25,7 +26,8 @@ import trio
 from p2pcache.backend import BackendWorker
 from p2pcache.resolver import Answer, Keyed, Level, Request, Timings
 from p2pcache.semantic.embedder import Embedder
-from p2pcache.semantic.gate import DEFAULT_GATE_TOKENS, DEFAULT_MARGIN, Gate, GateConfig
+from p2pcache.semantic.gate import DEFAULT_GATE_TOKENS, DEFAULT_MARGIN, Gate, GateConfig, GateResult
+from p2pcache.semantic.lexical import WordSimilarity
 from p2pcache.semantic.index import DEFAULT_HNSW_THRESHOLD, SemanticIndex
 from p2pcache.store import Entry, Store, StoreError
 
@@ -61,6 +63,17 @@ def request_text(request: Request) -> tuple[str, str]:
     return text, hashlib.sha256(ctx).hexdigest()
 
 
+def phrase_similarity(embedder: Embedder, cache_size: int = 4096) -> WordSimilarity:
+    """Cosine of two short phrases (the lexical check's synonym test), memoized."""
+
+    @functools.lru_cache(maxsize=cache_size)
+    def sim(a: str, b: str) -> float:
+        v = embedder.embed([a, b])
+        return float(v[0] @ v[1])
+
+    return sim
+
+
 def _canonical_params(params: dict[str, Any]) -> bytes:
     return msgpack.packb(msgpack.unpackb(msgpack.packb(params, use_bin_type=True), raw=False),
                          use_bin_type=True)
@@ -89,9 +102,10 @@ class SemanticTier:
         )
         self.gate = Gate(worker, GateConfig(
             margin=config.margin, tokens=config.gate_tokens, lexical=config.lexical,
-        ))
+        ), similarity=phrase_similarity(self.embedder))
         self.hits = 0
         self.gate_rejections = 0
+        self.last_gate: GateResult | None = None  # the last candidate's verdict (tests, logs)
 
     async def embed(self, text: str):  # type: ignore[no-untyped-def]
         return await trio.to_thread.run_sync(self.embedder.embed_one, text)
@@ -124,6 +138,7 @@ class SemanticTier:
                     text, keyed.tokens, rec.text, list(entry.output.tokens),
                     rec.base_logprob, rec.gate_tokens,
                 )
+                self.last_gate = result
                 if not result.accepted:
                     self.gate_rejections += 1
                     log.debug("L1 candidate %s rejected: %s", rec.input_sha256[:12], result.reason)

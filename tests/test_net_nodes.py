@@ -1,0 +1,322 @@
+"""The network between real node daemons: `p2pcache node run` processes on loopback, driven
+over their HTTP API, in a line A - B - C (C dials only B).
+
+Honest nodes are real daemons (model, LMDB, libp2p, L2 tier). The misbehaving peers (a liar
+that serves altered completions, a peer that stalls mid-transfer, a hostile publisher) are
+tests/net_peer.py processes: the same NetService and model code with a test-only twist.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgpack
+import pytest
+
+from p2pcache.identity import Identity
+from p2pcache.node.cluster import NodeProcess, start_node, stop_all
+from tests.net_harness import Peers
+
+pytestmark = pytest.mark.model
+
+MAX_TOKENS = 8
+MESH_TIMEOUT_S = 30.0
+AD_TIMEOUT_S = 40.0  # an advert reaches C through B (or at the latest with a re-advertisement)
+
+
+@dataclass
+class Line:
+    a: NodeProcess
+    b: NodeProcess
+    c: NodeProcess
+    http: httpx.Client
+    model: str
+    tmp: Path
+
+    def complete(self, node: NodeProcess, prompt: str, share: bool = True, **kw: Any) -> dict[str, Any]:
+        body = {"model": self.model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+                "share": share, **kw}
+        r = self.http.post(f"{node.url}/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert r.headers["x-cache-level"] == doc["x_cache"]["level"]
+        return doc
+
+    def admin(self, node: NodeProcess, path: str, **params: Any) -> dict[str, Any]:
+        r = self.http.get(f"{node.url}{path}", params=params)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def providers(self, node: NodeProcess, key: str, wait_s: float = 0.0) -> list[str]:
+        # /admin/providers waits on the node's index-changed event, not a sleep loop
+        return self.admin(node, "/admin/providers", key=key, wait_s=wait_s)["providers"]
+
+    def rep_of(self, node: NodeProcess, peer_id: str) -> dict[str, Any]:
+        rows = self.admin(node, "/admin/reputation", peer_id=peer_id)["peers"]
+        assert len(rows) == 1
+        return rows[0]
+
+
+def until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll another process's state over HTTP until ``cond()`` is truthy (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)  # polling interval of a cross-process condition, not a synchronisation sleep
+
+
+def subscribed(line: Line, node: NodeProcess) -> int:
+    return sum(1 for p in line.admin(node, "/admin/peers")["peers"] if p.get("subscribed"))
+
+
+@pytest.fixture(scope="module")
+def line(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Line]:
+    tmp = tmp_path_factory.mktemp("line")
+    nodes: list[NodeProcess] = []
+    extra = ["--n-ctx", "2048", "--log-level", "info"]
+    try:
+        a = start_node("A", tmp / "a", extra=extra)
+        nodes.append(a)
+        b = start_node("B", tmp / "b", extra=[*extra, "--bootstrap", a.ready["addrs"][0]])
+        nodes.append(b)
+        c = start_node("C", tmp / "c", extra=[*extra, "--bootstrap", b.ready["addrs"][0]])
+        nodes.append(c)
+        with httpx.Client(timeout=120) as http:
+            ln = Line(a, b, c, http, a.ready["model"], tmp)
+            for node, n in ((a, 1), (b, 2), (c, 1)):  # the ad topic is joined along the line
+                until(lambda: subscribed(ln, node) >= n, MESH_TIMEOUT_S, f"{node.name} sees {n} subscribers")
+            yield ln
+    finally:
+        codes = stop_all(nodes)
+        for n in nodes:
+            if codes.get(n.name) != 0:
+                print(f"--- {n.name} log tail ---\n{n.log_tail(60)}")
+        assert all(v == 0 for v in codes.values()), codes
+
+
+def test_status_addrs_and_line_topology(line: Line) -> None:
+    for node in (line.a, line.b, line.c):
+        st = line.admin(node, "/admin/status")
+        assert st["addrs"] and all(a.endswith(f"/p2p/{st['peer_id']}") for a in st["addrs"])
+    peers_of = {n.name: {p["peer_id"] for p in line.admin(n, "/admin/peers")["peers"]} for n in (line.a, line.b, line.c)}
+    assert peers_of["B"] == {line.a.peer_id, line.c.peer_id}
+    assert line.a.peer_id not in peers_of["C"]  # C dialled only B
+
+
+def test_answer_computed_on_a_served_on_c_from_l2_then_l0(line: Line) -> None:
+    prompt = "The three primary colours are"
+    on_a = line.complete(line.a, prompt)
+    assert on_a["x_cache"]["level"] == "L3"
+    key = on_a["x_cache"]["input_sha256"]
+    private = line.complete(line.a, "My private diary entry for today:", share=False)
+    assert private["x_cache"]["level"] == "L3"
+    private_key = private["x_cache"]["input_sha256"]
+    later = line.complete(line.a, "Name a large planet:")  # shared, advertised after the private one
+    assert later["x_cache"]["level"] == "L3"
+
+    assert line.providers(line.c, key, wait_s=AD_TIMEOUT_S) == [line.a.peer_id]  # relayed by B
+    assert line.providers(line.c, later["x_cache"]["input_sha256"], wait_s=AD_TIMEOUT_S) == [line.a.peer_id]
+    on_c = line.complete(line.c, prompt)
+    x = on_c["x_cache"]
+    assert x["level"] == "L2" and x["input_sha256"] == key
+    assert x["peer"]["peer"] == line.a.peer_id and x["peer"]["producer"] == line.a.peer_id
+    assert x["peer"]["verified"] is True and x["peer"]["verify_ms"] > 0
+    assert on_c["choices"][0]["text"] == on_a["choices"][0]["text"]
+    assert on_c["choices"][0]["finish_reason"] == on_a["choices"][0]["finish_reason"]
+    assert on_c["usage"] == on_a["usage"]
+    again = line.complete(line.c, prompt)
+    assert again["x_cache"]["level"] == "L0" and again["choices"][0]["text"] == on_a["choices"][0]["text"]
+    rec = line.rep_of(line.c, line.a.peer_id)
+    assert rec["successes"] > 0.9 and rec["failures"] == 0 and rec["bytes_in"] > 0 and not rec["banned"]
+
+    # The private entry: the advert of a later shared entry has arrived, yet no node lists it.
+    for node in (line.b, line.c):
+        assert line.providers(node, private_key) == []
+    assert line.complete(line.c, "My private diary entry for today:")["x_cache"]["level"] == "L3"
+    stats = line.admin(line.a, "/admin/peers")["stats"]
+    assert stats["server"]["served"] >= 1
+    cache_a = line.admin(line.a, "/admin/cache", entries=10)["entries"]
+    assert any(e["input_sha256"] == private_key and e["privacy_flag"] for e in cache_a)
+
+
+def test_liar_is_caught_banned_and_evidence_spreads(line: Line) -> None:
+    with Peers() as ps:
+        evil = ps.start("--model", "--evil", "--bootstrap", line.b.ready["addrs"][0], ready_timeout=120)
+        evil.call("wait_mesh", n=1)
+        ids = {line.a.peer_id: "A", line.b.peer_id: "B", line.c.peer_id: "C", evil.peer_id: "evil"}
+        prompts = ["A haiku about the sea:", "Three facts about owls:", "The capital of Italy is"]
+        honest = []
+        for i, prompt in enumerate(prompts[:2]):
+            params = {"max_tokens": MAX_TOKENS, "temperature": 0}
+            ans = evil.call("resolve", prompt=prompt, params=params, share=True, timeout=120)["answer"]
+            honest.append(ans)
+            assert line.providers(line.c, ans["input_sha256"], wait_s=AD_TIMEOUT_S) == [evil.peer_id]
+            got = line.complete(line.c, prompt)
+            # The altered answer never reaches the client: C computed the right one itself.
+            assert got["x_cache"]["level"] == "L3", got
+            assert got["choices"][0]["text"] == ans["text"]
+            rec = line.rep_of(line.c, evil.peer_id)
+            assert rec["failures"] == pytest.approx(i + 1, abs=0.01)  # caught on each answer, the first included
+            assert rec["score"] < 0.5
+            assert len(rec["evidence_detail"]) == i + 1 and rec["evidence_detail"][-1]["accuser"] == line.c.peer_id
+            # The lie is self-consistent (text = its tokens): the local prefill caught the token.
+            assert "not the local argmax" in rec["evidence_detail"][-1]["reason"], rec["evidence_detail"]
+            assert rec["banned"] is (i == 1), rec  # banned after the second proven lie
+        assert line.admin(line.c, "/admin/peers")["stats"]["tier"]["verified_failures"] == 2
+
+        # Evidence reaches A and B; each re-verified it on its own model before acting.
+        for node in (line.a, line.b):
+            until(lambda: line.admin(node, "/admin/peers")["stats"]["evidence"]["confirmed"] >= 2,
+                  120, f"{node.name} confirms both proofs")
+            rec = line.rep_of(node, evil.peer_id)
+            assert rec["failures"] == pytest.approx(2, abs=0.01) and rec["banned"], rec
+            assert {e["accuser"] for e in rec["evidence_detail"]} == {line.c.peer_id}
+            assert line.rep_of(node, line.c.peer_id)["bad"] == 0  # the accuser was right
+        # Banned: its new adverts are refused, and C never asks it again.
+        ans = evil.call("resolve", prompt=prompts[2], params={"max_tokens": MAX_TOKENS, "temperature": 0},
+                        share=True, timeout=120)["answer"]
+        before = line.admin(line.c, "/admin/peers")["stats"]["tier"]
+        got = line.complete(line.c, prompts[2])
+        assert got["x_cache"]["level"] == "L3" and got["choices"][0]["text"] == ans["text"]
+        after = line.admin(line.c, "/admin/peers")["stats"]["tier"]
+        assert after["verified_failures"] == before["verified_failures"] == 2
+        assert line.providers(line.c, ans["input_sha256"]) == []
+        rows = {ids.get(r["peer_id"], r["peer_id"]): r for r in line.admin(line.c, "/admin/reputation")["peers"]}
+        assert rows["evil"]["banned"] and not rows["A"]["banned"]
+
+
+def _identity_sorting_before(data_dir: Path, other: str) -> str:
+    """Give a test peer an identity whose id sorts before ``other``: with equal reputation and
+    equal expected transfer time, providers are tried in peer id order, so this peer goes first."""
+    key = data_dir / "identity.key"
+    while True:
+        key.unlink(missing_ok=True)
+        pid = Identity.load_or_create(key).peer_id
+        if pid < other:
+            return pid
+
+
+def _ask_in_background(line: Line, node: NodeProcess, prompt: str) -> tuple[threading.Thread, dict[str, Any]]:
+    result: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            result["doc"] = line.complete(node, prompt)
+        except BaseException as exc:  # reported by the main thread
+            result["error"] = exc
+
+    t = threading.Thread(target=ask)
+    t.start()
+    return t, result
+
+
+def _answer(t: threading.Thread, result: dict[str, Any]) -> dict[str, Any]:
+    t.join(60)
+    assert not t.is_alive(), "C did not answer after its provider died"
+    assert "error" not in result, result.get("error")
+    return result["doc"]
+
+
+def test_peer_killed_mid_transfer_next_provider_then_l3(line: Line) -> None:
+    params = {"max_tokens": MAX_TOKENS, "temperature": 0}
+    with Peers() as ps:
+        # 1) Two providers: the staller (tried first) dies mid-transfer, B answers.
+        d1 = line.tmp / "staller1"
+        _identity_sorting_before(d1, line.b.peer_id)
+        s1 = ps.start("--model", "--stall", "--bootstrap", line.b.ready["addrs"][0], data_dir=d1, ready_timeout=120)
+        s1.call("wait_mesh", n=1)
+        prompt = "A short poem about autumn leaves:"
+        on_b = line.complete(line.b, prompt)  # B first, so B never asks the staller
+        assert on_b["x_cache"]["level"] == "L3"
+        ans = s1.call("resolve", prompt=prompt, params=params, share=True, timeout=120)["answer"]
+        key = ans["input_sha256"]
+        until(lambda: len(line.providers(line.c, key, wait_s=AD_TIMEOUT_S)) == 2, AD_TIMEOUT_S, "two providers at C")
+        t, result = _ask_in_background(line, line.c, prompt)
+        s1.wait_event("stalled", 30)  # header and half the body sent
+        s1.kill()
+        doc = _answer(t, result)
+        assert doc["x_cache"]["level"] == "L2" and doc["x_cache"]["peer"]["peer"] == line.b.peer_id
+        assert doc["choices"][0]["text"] == ans["text"] == on_b["choices"][0]["text"]
+        rec = line.rep_of(line.c, s1.peer_id)
+        assert rec["timeouts"] + rec["bad"] >= 0.99 and rec["failures"] == 0
+
+        # 2) The only provider dies mid-transfer: C computes the answer itself (L3).
+        s2 = ps.start("--model", "--stall", "--bootstrap", line.b.ready["addrs"][0], ready_timeout=120)
+        s2.call("wait_mesh", n=1)
+        prompt = "Five words that rhyme with light:"
+        ans = s2.call("resolve", prompt=prompt, params=params, share=True, timeout=120)["answer"]
+        assert line.providers(line.c, ans["input_sha256"], wait_s=AD_TIMEOUT_S) == [s2.peer_id]
+        t, result = _ask_in_background(line, line.c, prompt)
+        s2.wait_event("stalled", 30)
+        s2.kill()
+        doc = _answer(t, result)
+        assert doc["x_cache"]["level"] == "L3" and doc["choices"][0]["text"] == ans["text"]
+        assert line.complete(line.c, prompt)["x_cache"]["level"] == "L0"
+
+
+def test_hostile_messages_rejected_while_nodes_serve(line: Line) -> None:
+    model_hash = line.a.ready["model_hash"]
+    with Peers() as ps:
+        h = ps.start("--model-hash", model_hash, "--bootstrap", line.b.ready["addrs"][0])
+        h.call("wait_mesh", n=1)
+        key = "5a" * 32
+        first = h.call("sign_ad", key=key, seq=15)["data_hex"]
+        h.call("publish_raw", topic="ads", data_hex=first)
+        assert line.providers(line.c, key, wait_s=AD_TIMEOUT_S) == [h.peer_id]  # a valid ad passes
+        before = {n.name: line.admin(n, "/admin/peers")["stats"]["ads"]["rejected"] for n in (line.b, line.c)}
+        good = msgpack.unpackb(bytes.fromhex(h.call("sign_ad", key="5b" * 32, seq=16)["data_hex"]), raw=False)
+        hostile = [
+            bytes.fromhex(first),  # replayed
+            b"\xc1 not msgpack",  # malformed
+            msgpack.packb({**good, "sig": b"\x01" * 64}, use_bin_type=True),  # bad signature
+            msgpack.packb({**good, "producer": line.a.peer_id}, use_bin_type=True),  # unsigned by its origin
+            bytes.fromhex(h.call("sign_ad", key="5c" * 32, seq=17, model_hash="cd" * 32)["data_hex"]),  # wrong model
+            msgpack.packb({**good, "addrs": ["/ip4/127.0.0.1/tcp/1" + "0" * 200] * 300}, use_bin_type=True),  # oversize
+        ]
+        for data in hostile:
+            h.call("publish_raw", topic="ads", data_hex=data.hex())
+        h.call("publish_raw", topic="evidence", data_hex=b"\x93forged".hex())
+
+        def rejected_all() -> bool:
+            now = line.admin(line.b, "/admin/peers")["stats"]["ads"]["rejected"]
+            return sum(now.values()) - sum(before["B"].values()) >= len(hostile)
+
+        until(rejected_all, 30, "B rejects every hostile advert")
+        rej = line.admin(line.b, "/admin/peers")["stats"]["ads"]["rejected"]
+        assert {"replay", "malformed", "bad-signature", "unsigned", "wrong-model", "oversize"} <= set(rej), rej
+        for node in (line.b, line.c):
+            assert line.providers(node, "5b" * 32) == [] and line.providers(node, "5c" * 32) == []
+        assert line.admin(line.b, "/admin/peers")["stats"]["evidence"]["rejected"] >= 1
+
+        # Hostile fetch requests: each gets a clear refusal (or a reset), B keeps serving.
+        garbage = [
+            b"\x00\x00\x00\x05hello",  # a frame that is not msgpack
+            b"\x7f\xff\xff\xff",  # a 2 GB frame length
+            (lambda m: len(m).to_bytes(4, "big") + m)(msgpack.packb(
+                {"v": 1, "key": "zz", "model_hash": model_hash, "level": "decoder_final"})),  # bad key
+            (lambda m: len(m).to_bytes(4, "big") + m)(msgpack.packb(
+                {"v": 1, "key": "11" * 32, "model_hash": "cd" * 32, "level": "decoder_final"})),  # wrong model
+        ]
+        replies = [h.call("raw_fetch", peer=line.b.peer_id, addrs=line.b.ready["addrs"], data_hex=g.hex())["reply"]
+                   for g in garbage]
+        assert replies[0]["status"] == "bad_request" and replies[2]["status"] == "bad_request"
+        assert replies[1] is None or replies[1]["status"] == "bad_request"
+        assert replies[3]["status"] == "not_found"
+        assert line.admin(line.b, "/admin/peers")["stats"]["server"]["bad_requests"] >= 2
+        doc = line.complete(line.b, "Water boils at")
+        assert doc["x_cache"]["level"] in ("L3", "L2")
+        for node in (line.a, line.b, line.c):
+            assert node.proc.poll() is None
+            assert line.http.get(f"{node.url}/healthz").status_code == 200
+        assert json.loads(json.dumps(rej))  # (stats are JSON)
