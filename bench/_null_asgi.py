@@ -12,6 +12,14 @@ BODY = json.dumps({"x_cache": {"level": "L0"}, "text": "x" * 600}).encode()
 
 
 async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+    if scope["type"] == "lifespan":  # answer it: returning at once races hypercorn's start-up
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
     if scope["type"] != "http":
         return
     while (await receive()).get("more_body"):

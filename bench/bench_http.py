@@ -147,6 +147,7 @@ def main() -> None:
                         assert r["errors"] == 0 and set(r["levels"]) == {"L0"}, r
                     med = {k: statistics.median(r[k] for r in runs) for k in ("n", "rps", "p50", "p90", "p99", "max")}
                     rows.append((path, clients, med))
+                    print(json.dumps({"endpoint": path, "clients": clients, **med}), flush=True)  # kept if a later step fails
         finally:
             code = node.stop()
             assert code == 0, node.log_tail()

@@ -287,8 +287,9 @@ class Bench:
         fresh(llm)
         self.results["storage"] = res
         self.out.append(table(
-            f"Bytes stored for {n_req} requests sharing a {len(prompts[0]) - 20}-odd-token system prompt "
-            f"({len(prompts[0])}-{max(map(len, prompts))} prompt tokens)",
+            f"Bytes stored for {n_req} requests sharing a 1,024-token system prompt, different questions "
+            f"({min(map(len, prompts))}-{max(map(len, prompts))} prompt tokens after the chat template; "
+            f"8 generated tokens each)",
             ["store", "after 1 request", f"after {n_req}", f"{n_req} / 1"], rows,
         ))
 
@@ -434,7 +435,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--conversations", type=int, default=200)
-    ap.add_argument("--conv-tokens", type=int, default=1536, help="history cap per ShareGPT conversation")
+    ap.add_argument("--conv-tokens", type=int, default=1024, help="history cap per ShareGPT conversation")
     ap.add_argument("--replay-max-tokens", type=int, default=4)
     ap.add_argument("--quant-prompts", type=int, default=8)
     ap.add_argument("--n-ctx", type=int, default=4608)

@@ -212,9 +212,11 @@ async def handle(cmd: dict[str, Any], svc: NetService, store: Store, local: Any,
             while len(svc.host.get_connected_peers()) < cmd["n"]:
                 await trio.sleep(0.05)
         return {}
-    if c == "wait_mesh":  # until a peer subscribed to our ad topic is in the pubsub view
+    if c == "wait_mesh":  # until n peers subscribed to our ad topic are in our GossipSub mesh
+        topic = ads_topic(model_hash)
         with trio.fail_after(cmd.get("timeout_s", 20)):
-            while len(svc.pubsub.peer_topics.get(ads_topic(model_hash), ())) < cmd["n"]:
+            while len(svc.pubsub.peer_topics.get(topic, ())) < cmd["n"] \
+                    or len(svc.router.mesh.get(topic, ()) if svc.router else ()) < cmd["n"]:
                 await trio.sleep(0.05)
         return {}
     if c == "wait_rejected":  # until at least n adverts have been rejected in total

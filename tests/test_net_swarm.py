@@ -94,7 +94,7 @@ def test_peer_killed_mid_transfer() -> None:
         t0 = time.monotonic()
         a.kill()
         r = b._next(30)
-        assert r["ok"] and not r["fetched"] and r["error"] in ("FetchError", "BadResponse")
+        assert r["ok"] and not r["fetched"] and r["error"] == "FetchError"  # gone mid-transfer, not a bad answer
         assert time.monotonic() - t0 < 10  # the vanished peer is noticed, not waited out
         assert b.call("stats")["ok"]  # B keeps running
 

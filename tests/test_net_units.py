@@ -175,3 +175,101 @@ def test_reputation_in_store_env(tmp_path: Path) -> None:
         assert store.stats().entries == 0
     finally:
         store.close()
+
+
+def test_cost_model_fetch_or_recompute() -> None:
+    from p2pcache.net.reputation import PeerRecord
+    from p2pcache.net.tier import CostModel
+
+    cm = CostModel(prefill_tps=700.0, decode_tps=80.0)
+    fast = PeerRecord("p", latency_ms=2.0, bandwidth=100e6)
+    far = PeerRecord("q", latency_ms=900.0, bandwidth=1e6)
+    # 256 output tokens: fetch (ms) + one prefill beats 3.2 s of decoding
+    assert cm.decoder_final_pays(100, 256, 2_000, fast)
+    # a peer 0.9 s away does not pay for a 4-token answer (4 / 80 tok/s = 50 ms to compute)
+    assert not cm.decoder_final_pays(10, 4, 200, far)
+    # KV state, DESIGN.md's break-even: 2,000 tokens x 18.5 KB = 37 MB vs ~2.9 s of prefill
+    state = 2_000 * 18_500
+    assert cm.kv_prefix_pays(state, 2_000, PeerRecord("r", latency_ms=5, bandwidth=100e6))
+    assert not cm.kv_prefix_pays(state, 2_000, PeerRecord("s", latency_ms=5, bandwidth=4e6))
+    # the node's own measured prefill speed moves the break-even (a GPU prefills far faster)
+    for _ in range(30):
+        cm.observe_prefill(50_000, 1.0)
+    assert cm.prefill_tps > 40_000
+    assert not cm.kv_prefix_pays(state, 2_000, PeerRecord("r", latency_ms=5, bandwidth=100e6))
+
+
+def test_providers_ranked_by_reputation_then_expected_time(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from p2pcache.net.ads import Provider
+    from p2pcache.net.tier import PeerTier
+
+    store = Store(tmp_path / "store", size_cap=64 << 20)
+    try:
+        rep = Reputation(store.env)
+        me = ident(tmp_path, "me").peer_id
+        good, slow, fast, liar = (ident(tmp_path, n).peer_id for n in ("good", "slow", "fast", "liar"))
+        for _ in range(5):
+            rep.record_success(good, 100_000, 0.01, ttfb_s=0.2)  # reliable but 200 ms away
+        rep.record_success(slow, 100_000, 1.0, ttfb_s=0.5)
+        rep.record_success(fast, 100_000, 0.001, ttfb_s=0.001)
+        for i in range(2):
+            rep.record_verified_failure(liar, f"proof-{i}".encode(), "wrong")
+        assert rep.is_banned(liar)
+        tier = PeerTier(SimpleNamespace(rep=rep, identity=SimpleNamespace(peer_id=me)))  # type: ignore[arg-type]
+        provs = [Provider(p, (), 100_000, "00" * 32, 0.0) for p in (slow, liar, me, fast, good)]
+        ranked = [p.peer_id for p in tier.ranked(provs)]
+        # good has the best record; slow and fast tie on score (0.67), fast is quicker
+        assert ranked == [good, fast, slow]
+    finally:
+        store.close()
+
+
+def _signed_lie(liar: Identity, accuser: Identity) -> tuple[ResponseHeader, bytes, list[int], SamplingParams]:
+    import hashlib
+
+    params = SamplingParams(max_tokens=8)
+    prompt = [2, 10, 11]
+    body = entry_to_wire(_entry(liar, prompt, params))
+    h = ResponseHeader(input_sha256(MH, prompt, params), MH, "decoder_final", None, len(body),
+                       hashlib.sha256(body).hexdigest(), accuser.peer_id, liar.peer_id, 1)
+    return ResponseHeader(**{**h.__dict__, "sig": liar.sign(h.payload())}), body, prompt, params
+
+
+def test_reputation_cli_reads_a_stopped_nodes_store(tmp_path: Path) -> None:
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    from p2pcache.cli.main import app
+
+    liar_dir, acc_dir = tmp_path / "liar", tmp_path / "node"
+    liar = ident(liar_dir, "identity.key")
+    accuser = ident(acc_dir, "identity.key")
+    header, body, prompt, params = _signed_lie(liar, accuser)
+    ev = make_evidence(accuser, header, body, prompt, params, "token 0 is not the local argmax")
+    store = Store(acc_dir / "store", size_cap=64 << 20)
+    try:
+        rep = Reputation(store.env)
+        rep.record_verified_failure(liar.peer_id, ev.encode(), ev.reason)
+        rep.record_success(ident(tmp_path, "other").peer_id, 500, 0.01)
+    finally:
+        store.close()
+    runner = CliRunner()
+    r = runner.invoke(app, ["reputation", "--data-dir", str(acc_dir), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = _json.loads(r.output)
+    assert doc["peer_id"] == accuser.peer_id and len(doc["peers"]) == 2
+    r = runner.invoke(app, ["reputation", liar.peer_id, "--data-dir", str(acc_dir), "--json"])
+    assert r.exit_code == 0, r.output
+    (row,) = _json.loads(r.output)["peers"]
+    assert row["failures"] == pytest.approx(1, abs=1e-3) and row["score"] < 0.5
+    (detail,) = row["evidence_detail"]
+    assert detail["accuser"] == accuser.peer_id and detail["liar"] == liar.peer_id and "argmax" in detail["reason"]
+    r = runner.invoke(app, ["peers", "--data-dir", str(acc_dir)])
+    assert r.exit_code == 0 and "not running" in r.output
+    r = runner.invoke(app, ["reputation", ident(tmp_path, "stranger").peer_id, "--data-dir", str(acc_dir)])
+    assert r.exit_code == 1  # no record of that peer: a clear error
+    r = runner.invoke(app, ["reputation", "--data-dir", str(tmp_path / "nothing")])
+    assert r.exit_code == 2 and "no store" in r.output

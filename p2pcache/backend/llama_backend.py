@@ -227,38 +227,58 @@ class LlamaBackend:
         t0 = time.perf_counter()
         llm.reset()
         llm.eval(prompt)  # logits of the last prompt token only: they predict completion[0]
-        rows = [np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,)).copy()[None, :]]
+        # Each block of logit rows is reduced in place, straight from llama.cpp's buffer (valid
+        # until the next decode): no copy, no concatenation, one reused exp buffer. With a 262k
+        # vocabulary that post-processing cost more than the LM head itself.
+        n = len(completion)
+        tok = np.asarray(completion, dtype=np.int64)
+        logprobs = np.zeros(n, np.float32)
+        argmax = np.zeros(n, np.int64)
+        gaps = np.zeros(n, np.float32)
+        top_ids: list[list[int]] = []
+        top_lps: list[list[float]] = []
+        step = max(1, min(chunk, self.config.n_batch))
+        scratch = np.empty((min(step, max(n, 1)), n_vocab), np.float32)
+
+        def reduce(block: Any, at: int) -> None:
+            k = min(block.shape[0], n - at)
+            if k <= 0:
+                return
+            block = block[:k]
+            t = tok[at : at + k]
+            mx = block.max(axis=1)
+            chosen = block[np.arange(k), t]
+            argmax[at : at + k] = block.argmax(axis=1)
+            tmp = scratch[:k]
+            np.subtract(block, mx[:, None], out=tmp)
+            np.exp(tmp, out=tmp)
+            lse = mx + np.log(tmp.sum(axis=1))
+            logprobs[at : at + k] = chosen - lse
+            gaps[at : at + k] = mx - chosen
+            if top_k > 0:
+                part_idx = np.argpartition(-block, top_k, axis=1)[:, :top_k]
+                part_val = np.take_along_axis(block, part_idx, axis=1)
+                order = np.argsort(-part_val, axis=1)
+                top_ids.extend(np.take_along_axis(part_idx, order, axis=1).tolist())
+                top_lps.extend((np.take_along_axis(part_val, order, axis=1) - lse[:, None]).tolist())
+
+        reduce(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(1, n_vocab)), 0)
         # Feed completion[:-1] with logits at every position: row i predicts completion[i+1].
         rest = completion[:-1]
-        for i in range(0, len(rest), max(1, min(chunk, self.config.n_batch))):
-            part = rest[i : i + max(1, min(chunk, self.config.n_batch))]
+        for i in range(0, len(rest), step):
+            part = rest[i : i + step]
             n_past = llm.n_tokens
             llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
             llm._batch.set_batch(batch=part, n_past=n_past, logits_all=True)
             llm._ctx.decode(llm._batch)
             llm.input_ids[n_past : n_past + len(part)] = part
             llm.n_tokens += len(part)
-            rows.append(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(part), n_vocab)).copy())
-        logits = np.concatenate(rows)[: len(completion)] if completion else np.zeros((0, n_vocab), np.float32)
-        idx = np.arange(len(completion))
-        tok = np.asarray(completion, dtype=np.int64)
-        mx = logits.max(axis=1) if len(completion) else np.zeros(0, np.float32)
-        lse = mx + np.log(np.exp(logits - mx[:, None]).sum(axis=1)) if len(completion) else mx
-        chosen = logits[idx, tok] if len(completion) else mx
-        argmax = logits.argmax(axis=1) if len(completion) else np.zeros(0, np.int64)
-        top_ids: list[list[int]] = []
-        top_lps: list[list[float]] = []
-        if top_k > 0 and len(completion):
-            part_idx = np.argpartition(-logits, top_k, axis=1)[:, :top_k]
-            part_val = np.take_along_axis(logits, part_idx, axis=1)
-            order = np.argsort(-part_val, axis=1)
-            top_ids = np.take_along_axis(part_idx, order, axis=1).tolist()
-            top_lps = (np.take_along_axis(part_val, order, axis=1) - lse[:, None]).tolist()
+            reduce(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(part), n_vocab)), 1 + i)
         return Score(
             tokens=completion,
-            logprobs=(chosen - lse).astype(float).tolist(),
+            logprobs=logprobs.astype(float).tolist(),
             argmax=argmax.astype(int).tolist(),
-            gaps=(mx - chosen).astype(float).tolist(),
+            gaps=gaps.astype(float).tolist(),
             top_ids=top_ids,
             top_logprobs=top_lps,
             prompt_tokens=len(prompt),

@@ -9,7 +9,7 @@ import trio
 import typer
 
 from p2pcache.backend import ModelNotFound, PromptTooLong
-from p2pcache.cli import cache, chat, demo, node
+from p2pcache.cli import cache, chat, demo, net, node
 from p2pcache.cli.common import DataDirOpt, JsonOpt, err_console, fail, out_console, print_json, setup_logging
 from p2pcache.cli.progress import progress_bars
 from p2pcache.keys import SamplingParams
@@ -26,6 +26,8 @@ app.add_typer(cache.app, name="cache")
 app.command(name="chat")(chat.chat)
 app.add_typer(node.app, name="node")
 app.command(name="demo")(demo.demo)
+app.command(name="peers")(net.peers)
+app.command(name="reputation")(net.reputation)
 
 ModelOpt = Annotated[
     Optional[Path],

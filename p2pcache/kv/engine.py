@@ -12,7 +12,8 @@ chunk holds the K/V rows of its own tokens for *all* layers; the rows of the win
 are captured while they are still inside the window (a partial, SWA-only state read every
 `capture_every` tokens, which the prefill batches are aligned to). A restore to boundary P
 assembles a state from chunks 0..P/C-1: all rows for the full-attention layers, the last
-n_swa rows for the windowed ones. See docs/architecture.md ("KV prefixes").
+n_swa rows for the windowed ones (or all of them when the SWA cache is full-size). See
+docs/kv-prefix.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Bulk-transfer fast path for py-libp2p 0.8.1's Noise + yamux (loopback: ~50 -> see docs).
+"""Bulk-transfer fast path for py-libp2p 0.8.1's Noise + yamux (64 MB fetch on loopback:
+~200 MB/s stock -> ~450 MB/s; figures and profile in docs/benchmarks.md, "Network (issue 6)").
 
-Where the time went on a 64 MB fetch (cProfile of both processes, see docs/benchmarks.md):
+Where the time went (cProfile of both processes, `bench/bench_net_fetch.py --profile`):
 
 1. **Flow control stalls.** A yamux stream starts with a 256 KB window. When the sender's
    window is empty, py-libp2p's ``YamuxStream.write`` *polls* every 10 ms for a window update.
@@ -10,13 +11,24 @@ Where the time went on a 64 MB fetch (cProfile of both processes, see docs/bench
 2. **Per-frame overhead.** yamux data frames are capped at 64 KB (go-yamux's default); each
    frame costs locks, a copy of header + chunk, a Noise message and a socket send, and every
    ``logger.debug(f"...")`` formats its f-string even when debug logging is off. We raise the
-   frame cap to `FRAME_SIZE` (always <= the peer's granted window, so still within the spec)
-   and send all Noise messages of one frame with a single socket write.
+   frame cap to `FRAME_SIZE` (always <= the peer's granted window, so still within the spec),
+   send all Noise messages of one frame with a single socket write, and size fetch body
+   frames (`BODY_FRAME`) so that one body frame is exactly one yamux frame.
 3. **Tiny socket reads.** The Noise reader asks the socket for exactly 2 bytes (the length)
    and then exactly the message: two ``recv`` calls and trio checkpoints per 64 KB. The
    patched transport reader reads ahead up to `READ_AHEAD` bytes and parses messages out of
-   its buffer.
-ChaCha20-Poly1305 itself (``cryptography``) is not the bottleneck: ~0.1 s per 64 MB each way.
+   its buffer; the secure session joins whole messages instead of extending a buffer.
+4. **Quadratic copies in the stream buffer** (fixed in `p2pcache.net.fetch`, not here): a
+   partial read of a yamux stream leaves its bytearray with a front offset, and CPython then
+   copies the whole buffered window on the next append; the fetch client reads everything
+   buffered at once (`fetch.BODY_READ_SIZE`).
+ChaCha20-Poly1305 itself (``cryptography``) is not the bottleneck: ~25 ms per 64 MB each way.
+
+Security: every byte still goes through the connection's Noise cipher states (ChaCha20-
+Poly1305, one nonce per message, messages <= 65,535 bytes as the spec says); the patches only
+change buffering and batching. A cipher state without a key (which noise would turn into a
+plaintext pass-through) is refused, and a message failing authentication raises as before
+(tests/test_net_fastpath.py: no plaintext on the wire, a flipped bit kills the connection).
 
 `install()` patches py-libp2p classes in this process (idempotent). Wire format is unchanged:
 patched and stock peers interoperate (frames never exceed the window the receiver granted).

@@ -37,7 +37,7 @@ from libp2p.peer.id import ID
 from p2pcache.identity import Identity
 from p2pcache.net.fastpath import BODY_FRAME, grant_receive_window
 from p2pcache.net.peer_keys import canonical, verify_by_peer
-from p2pcache.net.wire import MAX_CONTROL_FRAME, MAX_DATA_FRAME, LEN, FrameReader, WireError, pack_msg
+from p2pcache.net.wire import MAX_CONTROL_FRAME, MAX_DATA_FRAME, LEN, FrameReader, StreamEnded, WireError, pack_msg
 from p2pcache.store import Entry, Output, Store
 
 log = logging.getLogger(__name__)
@@ -417,6 +417,10 @@ async def fetch(host: IHost, peer_id: str, req: FetchRequest, timeout_s: float =
         if stream is not None:
             await _reset(stream)
         raise
+    except StreamEnded as exc:  # the peer vanished or reset mid-transfer: unreliable, not lying
+        if stream is not None:
+            await _reset(stream)
+        raise FetchError(str(exc)) from exc
     except WireError as exc:
         if stream is not None:
             await _reset(stream)

@@ -18,6 +18,7 @@ import hashlib
 import math
 import threading
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import lmdb
 import msgpack
@@ -175,14 +176,7 @@ class Reputation:
         return rec
 
     def _decay(self, rec: PeerRecord, t: int) -> None:
-        dt = max(0, t - rec.updated_at) / 1000.0
-        if dt > 0:
-            f = math.pow(0.5, dt / self.config.half_life_s)
-            rec.successes *= f
-            rec.failures *= f
-            rec.timeouts *= f
-            rec.bad *= f
-        rec.updated_at = t
+        decay_record(rec, t, self.config.half_life_s)
 
     @staticmethod
     def _decode(raw: bytes | None, peer_id: str) -> PeerRecord:
@@ -196,5 +190,53 @@ class Reputation:
             return PeerRecord(peer_id)  # an unreadable record starts over
 
 
+def decay_record(rec: PeerRecord, t: int, half_life_s: float) -> None:
+    """Fade the counters to time ``t`` (ms): halved every ``half_life_s``."""
+    dt = max(0, t - rec.updated_at) / 1000.0
+    if dt > 0:
+        f = math.pow(0.5, dt / half_life_s)
+        rec.successes *= f
+        rec.failures *= f
+        rec.timeouts *= f
+        rec.bad *= f
+    rec.updated_at = t
+
+
 def _ewma(old: float, new: float, alpha: float = 0.3) -> float:
     return new if old == 0 else (1 - alpha) * old + alpha * new
+
+
+def read_offline(store_dir: str | Path, half_life_s: float = ReputationConfig.half_life_s
+                 ) -> tuple[list[PeerRecord], dict[str, bytes]]:
+    """Every peer record and stored proof of a node's LMDB, read-only (the node may be stopped
+    or running: LMDB readers never block its writer). Decayed to now, as a node would show them."""
+    path = Path(store_dir)
+    if not (path / "data.mdb").exists():
+        raise FileNotFoundError(f"no store at {path}")
+    env = lmdb.open(str(path), readonly=True, max_dbs=16, lock=True, readahead=False)
+    try:
+        try:
+            peers_db = env.open_db(b"rep_peers", create=False)
+        except lmdb.NotFoundError:
+            return [], {}
+        t = now_ms()
+        records = []
+        with env.begin(db=peers_db) as txn:
+            for k, raw in txn.cursor():
+                rec = Reputation._decode(bytes(raw), bytes(k).decode())
+                decay_record(rec, t, half_life_s)
+                records.append(rec)
+        evidence: dict[str, bytes] = {}
+        try:
+            ev_db = env.open_db(b"rep_evidence", create=False)
+        except lmdb.NotFoundError:
+            return records, evidence
+        wanted = {e for r in records for e in r.evidence}
+        with env.begin(db=ev_db) as txn:
+            for eid in wanted:
+                raw = txn.get(bytes.fromhex(eid))
+                if raw is not None:
+                    evidence[eid] = bytes(raw)
+        return records, evidence
+    finally:
+        env.close()

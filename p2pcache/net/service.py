@@ -94,6 +94,7 @@ class NetService:
         self.tier = PeerTier(self, self.config.tier)
         self.host: IHost | None = None  # type: ignore[assignment]
         self.pubsub: Pubsub | None = None
+        self.router: GossipSub | None = None
         self.running = False
         self.evidence_stats = {"accepted": 0, "rejected": 0, "confirmed": 0, "refuted": 0}
         self._pending: dict[str, AdEntry] = {}
@@ -110,13 +111,15 @@ class NetService:
         if self.host is None or not self.running:
             return []
         out = []
-        subscribed = self.pubsub.peer_topics.get(ads_topic(self.model_hash), set()) if self.pubsub else set()
+        topic = ads_topic(self.model_hash)
+        subscribed = self.pubsub.peer_topics.get(topic, set()) if self.pubsub else set()
+        mesh = self.router.mesh.get(topic, set()) if self.router is not None else set()
         for pid in self.host.get_connected_peers():
             s = pid.to_base58()
             rec = self.rep.get(s)
             out.append({"peer_id": s, "addrs": [str(a) for a in self.host.get_peerstore().addrs(pid)]
                         if _has_addrs(self.host, pid) else [], "score": round(rec.score(), 4),
-                        "banned": rec.banned(), "subscribed": pid in subscribed,
+                        "banned": rec.banned(), "subscribed": pid in subscribed, "mesh": pid in mesh,
                         "advertised_keys": self.index.count_of(s)})
         return out
 
@@ -325,6 +328,7 @@ class NetService:
             self.host = host
             pubsub = Pubsub(host, gossipsub)
             self.pubsub = pubsub
+            self.router = gossipsub
             self.server.install(host)
             try:
                 async with background_trio_service(pubsub), background_trio_service(gossipsub):
@@ -349,6 +353,7 @@ class NetService:
             finally:
                 self.running = False
                 self.pubsub = None
+                self.router = None
                 self._nursery = None
 
 

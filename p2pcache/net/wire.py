@@ -21,6 +21,10 @@ class WireError(Exception):
     """The peer broke the protocol: bad frame, oversize, malformed, early end."""
 
 
+class StreamEnded(WireError):
+    """The stream closed or reset before the frame was complete (peer gone or gave up)."""
+
+
 class ByteStream(Protocol):
     async def read(self, n: int | None = None) -> bytes: ...
 
@@ -47,9 +51,9 @@ class FrameReader:
         try:
             chunk = await self.stream.read(max(self.read_size, want))
         except Exception as exc:  # py-libp2p raises several EOF/reset types
-            raise WireError(f"stream ended after {have} of {have + want} bytes: {exc!r}") from exc
+            raise StreamEnded(f"stream ended after {have} of {have + want} bytes: {exc!r}") from exc
         if not chunk:
-            raise WireError(f"stream ended after {have} of {have + want} bytes")
+            raise StreamEnded(f"stream ended after {have} of {have + want} bytes")
         return chunk
 
     async def read_exact(self, n: int) -> bytes:

@@ -72,7 +72,7 @@ class NodeConfig(BaseModel):
     kv_type: Literal["f16", "q8_0", "q4_0"] = Field("f16", description="KV cache element type.")
     semantic: bool = Field(False, description="Enable L1 (requests opt in with \"semantic\": true).")
     semantic_tau: float | None = Field(
-        None, ge=0.0, le=1.0, description="L1 cosine similarity a candidate needs (default 0.80)."
+        None, ge=0.0, le=1.0, description="L1 cosine similarity a candidate needs (default 0.85)."
     )
     semantic_margin: float | None = Field(
         None, ge=0.0, description="L1 gate: nats per token the cached answer may lose (default 1.0)."

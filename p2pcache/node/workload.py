@@ -3,8 +3,9 @@
     python -m p2pcache.node.workload --url http://127.0.0.1:18081 --url http://127.0.0.1:18082 [--prompts 4]
 
 Each prompt is asked on one node (computed, L3), again on the same node (L0), then on the
-next node (L2 once the nodes share entries over the network, else L3). Requests send
-``"share": true``. Exit code 1 if any request failed.
+next node, after waiting (bounded) until that node has heard the first node's advert: L2
+when the nodes share entries over the network (else L3). Requests send ``"share": true``.
+Exit code 1 if any request failed.
 """
 
 from __future__ import annotations
@@ -44,18 +45,28 @@ def wait_healthy(urls: list[str], timeout_s: float) -> None:
             time.sleep(0.5)  # poll interval while the node starts
 
 
-def run(urls: list[str], prompts: int, max_tokens: int, deadline_s: float) -> dict[str, Any]:
+def run(urls: list[str], prompts: int, max_tokens: int, deadline_s: float,
+        advert_wait_s: float = 15.0) -> dict[str, Any]:
     deadline = time.monotonic() + deadline_s
     model = httpx.get(f"{urls[0]}/v1/models", timeout=10).json()["data"][0]["id"]
+    # nodes with the network layer list p2p addresses; only they can hear adverts
+    networked = {u: bool(httpx.get(f"{u}/admin/status", timeout=10).json().get("addrs")) for u in urls}
     rows: list[dict[str, Any]] = []
     with httpx.Client(timeout=min(300.0, deadline_s)) as client:
         for i in range(prompts):
             q = PROMPTS[i % len(PROMPTS)] + (f" ({i // len(PROMPTS)})" if i >= len(PROMPTS) else "")
             plan = [(urls[i % len(urls)], "first"), (urls[i % len(urls)], "same node"),
                     (urls[(i + 1) % len(urls)], "other node")]
+            key = None
             for url, what in plan:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"workload ran past {deadline_s:.0f} s")
+                if what == "other node" and key and networked.get(url):
+                    # wait (bounded) for the first node's advert to reach this one, so the
+                    # answer can come from the peer (L2) rather than racing the gossip
+                    wait_s = max(0.0, min(advert_wait_s, deadline - time.monotonic()))
+                    client.get(f"{url}/admin/providers", params={"key": key, "wait_s": wait_s},
+                               timeout=wait_s + 10)
                 body = {"model": model, "messages": [{"role": "user", "content": q}],
                         "max_tokens": max_tokens, "share": True}
                 t0 = time.perf_counter()
@@ -64,6 +75,7 @@ def run(urls: list[str], prompts: int, max_tokens: int, deadline_s: float) -> di
                 row = {"prompt": i, "node": url, "step": what, "status": r.status_code, "ms": round(ms, 2)}
                 if r.status_code == 200:
                     row["level"] = r.json()["x_cache"]["level"]
+                    key = r.json()["x_cache"]["input_sha256"]
                 else:
                     row["error"] = r.text[:200]
                 rows.append(row)

@@ -64,6 +64,16 @@ def _gelu(x: np.ndarray) -> np.ndarray:
     return x * 0.5 * (1.0 + _erf(x * (1.0 / math.sqrt(2.0))))
 
 
+def _single_threaded_blas() -> None:
+    """One BLAS thread for the whole process. numpy's OpenBLAS keeps its worker threads
+    spinning after each call; on a small CPU they then compete with llama.cpp's threads, and
+    the next prefill or decode ran at half speed (measured: gate prefill 220 ms -> 100 ms,
+    docs/benchmarks.md). A prompt's matrices are tiny, so one thread embeds as fast."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+
+
 class Embedder:
     """all-MiniLM-L6-v2 in numpy. Stateless per call, so safe from several threads."""
 
@@ -77,6 +87,7 @@ class Embedder:
         except ImportError as exc:  # pragma: no cover - declared dependencies
             raise EmbedderUnavailable(f"{exc.name} is not installed") from exc
         path = path or model_dir()
+        _single_threaded_blas()
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.tokenizer.enable_truncation(MAX_TOKENS)
         self.tokenizer.no_padding()

@@ -33,7 +33,7 @@ from p2pcache.store import Entry, Store, StoreError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TAU = 0.80
+DEFAULT_TAU = 0.85
 
 
 @dataclass(frozen=True)
