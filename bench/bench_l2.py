@@ -170,7 +170,7 @@ def http_json(method: str, url: str, body: dict[str, Any] | None = None, timeout
 
 
 def chat(node: Node, prompt: str, max_tokens: int, seed: int) -> tuple[float, dict[str, Any]]:
-    body = {"model": "default", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+    body = {"model": node.ready["model"], "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "seed": seed}
     t0 = time.perf_counter()
     out = http_json("POST", f"{node.http}/v1/chat/completions", body)

@@ -64,11 +64,6 @@ class Line:
         return rows[0]
 
 
-_T0=time.monotonic()
-def mark(m):
-    print(f'[{time.monotonic()-_T0:7.2f}] {m}', flush=True)
-
-
 def until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
     """Poll another process's state over HTTP until ``cond()`` is truthy (bounded)."""
     deadline = time.monotonic() + timeout
@@ -91,18 +86,20 @@ def line(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Line]:
     tmp = tmp_path_factory.mktemp("line")
     nodes: list[NodeProcess] = []
     extra = ["--n-ctx", "2048", "--log-level", "info"]
+    # L2 here moves decoder_final entries only; KV-prefix resumption (issue 3) is tested on its
+    # own and its first-use setup would dominate these tests' runtime on 2 cores.
+    env = {"P2PCACHE_KV_PREFIX": "false"}
     try:
-        a = start_node("A", tmp / "a", extra=extra)
+        a = start_node("A", tmp / "a", extra=extra, env=env)
         nodes.append(a)
-        b = start_node("B", tmp / "b", extra=[*extra, "--bootstrap", a.ready["addrs"][0]])
+        b = start_node("B", tmp / "b", extra=[*extra, "--bootstrap", a.ready["addrs"][0]], env=env)
         nodes.append(b)
-        c = start_node("C", tmp / "c", extra=[*extra, "--bootstrap", b.ready["addrs"][0]])
+        c = start_node("C", tmp / "c", extra=[*extra, "--bootstrap", b.ready["addrs"][0]], env=env)
         nodes.append(c)
         with httpx.Client(timeout=120) as http:
             ln = Line(a, b, c, http, a.ready["model"], tmp)
             for node, n in ((a, 1), (b, 2), (c, 1)):  # the ad topic is joined along the line
                 until(lambda: in_mesh(ln, node) >= n, MESH_TIMEOUT_S, f"{node.name} has {n} mesh peers")
-                mark('until(lambda: in_mesh(ln, node) >= n, MESH_TIMEOUT')
             yield ln
     finally:
         codes = stop_all(nodes)
@@ -124,7 +121,6 @@ def test_status_addrs_and_line_topology(line: Line) -> None:
 def test_answer_computed_on_a_served_on_c_from_l2_then_l0(line: Line) -> None:
     prompt = "The three primary colours are"
     on_a = line.complete(line.a, prompt)
-    mark('on_a = line.complete(line.a, prompt)')
     assert on_a["x_cache"]["level"] == "L3"
     key = on_a["x_cache"]["input_sha256"]
     private = line.complete(line.a, "My private diary entry for today:", share=False)
@@ -134,11 +130,8 @@ def test_answer_computed_on_a_served_on_c_from_l2_then_l0(line: Line) -> None:
     assert later["x_cache"]["level"] == "L3"
 
     assert line.providers(line.c, key, wait_s=AD_TIMEOUT_S) == [line.a.peer_id]  # relayed by B
-    mark('assert line.providers(line.c, key, wait_s=AD_TIMEO')
     assert line.providers(line.c, later["x_cache"]["input_sha256"], wait_s=AD_TIMEOUT_S) == [line.a.peer_id]
-    mark('assert line.providers(line.c, later["x_cache"]["in')
     on_c = line.complete(line.c, prompt)
-    mark('on_c = line.complete(line.c, prompt)')
     x = on_c["x_cache"]
     assert x["level"] == "L2" and x["input_sha256"] == key
     assert x["peer"]["peer"] == line.a.peer_id and x["peer"]["producer"] == line.a.peer_id
@@ -151,10 +144,17 @@ def test_answer_computed_on_a_served_on_c_from_l2_then_l0(line: Line) -> None:
     rec = line.rep_of(line.c, line.a.peer_id)
     assert rec["successes"] > 0.9 and rec["failures"] == 0 and rec["bytes_in"] > 0 and not rec["banned"]
 
+    # A sampled (seeded) answer is verified too: every token in C's local top-k / above min_p.
+    sampled = {"temperature": 0.8, "seed": 7}
+    s_a = line.complete(line.a, "Invent a name for a cat:", **sampled)
+    assert line.providers(line.c, s_a["x_cache"]["input_sha256"], wait_s=AD_TIMEOUT_S) == [line.a.peer_id]
+    s_c = line.complete(line.c, "Invent a name for a cat:", **sampled)
+    assert s_c["x_cache"]["level"] == "L2" and s_c["x_cache"]["peer"]["verified"] is True
+    assert s_c["choices"][0]["text"] == s_a["choices"][0]["text"]
+
     # The private entry: the advert of a later shared entry has arrived, yet no node lists it.
     for node in (line.b, line.c):
         assert line.providers(node, private_key) == []
-        mark('assert line.providers(node, private_key) == []')
     assert line.complete(line.c, "My private diary entry for today:")["x_cache"]["level"] == "L3"
     stats = line.admin(line.a, "/admin/peers")["stats"]
     assert stats["server"]["served"] >= 1
@@ -165,21 +165,16 @@ def test_answer_computed_on_a_served_on_c_from_l2_then_l0(line: Line) -> None:
 def test_liar_is_caught_banned_and_evidence_spreads(line: Line) -> None:
     with Peers() as ps:
         evil = ps.start("--model", "--evil", "--bootstrap", line.b.ready["addrs"][0], ready_timeout=120)
-        mark('evil = ps.start("--model", "--evil", "--bootstrap"')
         evil.call("wait_mesh", n=1)
-        mark('evil.call("wait_mesh", n=1)')
         ids = {line.a.peer_id: "A", line.b.peer_id: "B", line.c.peer_id: "C", evil.peer_id: "evil"}
         prompts = ["A haiku about the sea:", "Three facts about owls:", "The capital of Italy is"]
         honest = []
         for i, prompt in enumerate(prompts[:2]):
             params = {"max_tokens": MAX_TOKENS, "temperature": 0}
             ans = evil.call("resolve", prompt=prompt, params=params, share=True, timeout=120)["answer"]
-            mark('ans = evil.call("resolve", prompt=prompt, params=p')
             honest.append(ans)
             assert line.providers(line.c, ans["input_sha256"], wait_s=AD_TIMEOUT_S) == [evil.peer_id]
-            mark('assert line.providers(line.c, ans["input_sha256"],')
             got = line.complete(line.c, prompt)
-            mark('got = line.complete(line.c, prompt)')
             # The altered answer never reaches the client: C computed the right one itself.
             assert got["x_cache"]["level"] == "L3", got
             assert got["choices"][0]["text"] == ans["text"]
@@ -205,12 +200,10 @@ def test_liar_is_caught_banned_and_evidence_spreads(line: Line) -> None:
                         share=True, timeout=120)["answer"]
         before = line.admin(line.c, "/admin/peers")["stats"]["tier"]
         got = line.complete(line.c, prompts[2])
-        mark('got = line.complete(line.c, prompts[2])')
         assert got["x_cache"]["level"] == "L3" and got["choices"][0]["text"] == ans["text"]
         after = line.admin(line.c, "/admin/peers")["stats"]["tier"]
         assert after["verified_failures"] == before["verified_failures"] == 2
         assert line.providers(line.c, ans["input_sha256"]) == []
-        mark('assert line.providers(line.c, ans["input_sha256"])')
         rows = {ids.get(r["peer_id"], r["peer_id"]): r for r in line.admin(line.c, "/admin/reputation")["peers"]}
         assert rows["evil"]["banned"] and not rows["A"]["banned"]
 
@@ -254,26 +247,17 @@ def test_peer_killed_mid_transfer_next_provider_then_l3(line: Line) -> None:
         d1 = line.tmp / "staller1"
         _identity_sorting_before(d1, line.b.peer_id)
         s1 = ps.start("--model", "--stall", "--bootstrap", line.b.ready["addrs"][0], data_dir=d1, ready_timeout=120)
-        mark('s1 = ps.start("--model", "--stall", "--bootstrap",')
         s1.call("wait_mesh", n=1)
-        mark('s1.call("wait_mesh", n=1)')
         prompt = "A short poem about autumn leaves:"
         on_b = line.complete(line.b, prompt)  # B first, so B never asks the staller
-        mark('on_b = line.complete(line.b, prompt)  # B first, s')
         assert on_b["x_cache"]["level"] == "L3"
         ans = s1.call("resolve", prompt=prompt, params=params, share=True, timeout=120)["answer"]
-        mark('ans = s1.call("resolve", prompt=prompt, params=par')
         key = ans["input_sha256"]
         until(lambda: len(line.providers(line.c, key, wait_s=AD_TIMEOUT_S)) == 2, AD_TIMEOUT_S, "two providers at C")
-        mark('until(lambda: len(line.providers(line.c, key, wait')
         t, result = _ask_in_background(line, line.c, prompt)
-        mark('t, result = _ask_in_background(line, line.c, promp')
         s1.wait_event("stalled", 30)  # header and half the body sent
-        mark('s1.wait_event("stalled", 30)  # header and half th')
         s1.kill()
-        mark('s1.kill()')
         doc = _answer(t, result)
-        mark('doc = _answer(t, result)')
         assert doc["x_cache"]["level"] == "L2" and doc["x_cache"]["peer"]["peer"] == line.b.peer_id
         assert doc["choices"][0]["text"] == ans["text"] == on_b["choices"][0]["text"]
         rec = line.rep_of(line.c, s1.peer_id)
@@ -281,22 +265,14 @@ def test_peer_killed_mid_transfer_next_provider_then_l3(line: Line) -> None:
 
         # 2) The only provider dies mid-transfer: C computes the answer itself (L3).
         s2 = ps.start("--model", "--stall", "--bootstrap", line.b.ready["addrs"][0], ready_timeout=120)
-        mark('s2 = ps.start("--model", "--stall", "--bootstrap",')
         s2.call("wait_mesh", n=1)
-        mark('s2.call("wait_mesh", n=1)')
         prompt = "Five words that rhyme with light:"
         ans = s2.call("resolve", prompt=prompt, params=params, share=True, timeout=120)["answer"]
-        mark('ans = s2.call("resolve", prompt=prompt, params=par')
         assert line.providers(line.c, ans["input_sha256"], wait_s=AD_TIMEOUT_S) == [s2.peer_id]
-        mark('assert line.providers(line.c, ans["input_sha256"],')
         t, result = _ask_in_background(line, line.c, prompt)
-        mark('t, result = _ask_in_background(line, line.c, promp')
         s2.wait_event("stalled", 30)
-        mark('s2.wait_event("stalled", 30)')
         s2.kill()
-        mark('s2.kill()')
         doc = _answer(t, result)
-        mark('doc = _answer(t, result)')
         assert doc["x_cache"]["level"] == "L3" and doc["choices"][0]["text"] == ans["text"]
         assert line.complete(line.c, prompt)["x_cache"]["level"] == "L0"
 
@@ -306,12 +282,10 @@ def test_hostile_messages_rejected_while_nodes_serve(line: Line) -> None:
     with Peers() as ps:
         h = ps.start("--model-hash", model_hash, "--bootstrap", line.b.ready["addrs"][0])
         h.call("wait_mesh", n=1)
-        mark('h.call("wait_mesh", n=1)')
         key = "5a" * 32
         first = h.call("sign_ad", key=key, seq=15)["data_hex"]
         h.call("publish_raw", topic="ads", data_hex=first)
         assert line.providers(line.c, key, wait_s=AD_TIMEOUT_S) == [h.peer_id]  # a valid ad passes
-        mark('assert line.providers(line.c, key, wait_s=AD_TIMEO')
         before = {n.name: line.admin(n, "/admin/peers")["stats"]["ads"]["rejected"] for n in (line.b, line.c)}
         good = msgpack.unpackb(bytes.fromhex(h.call("sign_ad", key="5b" * 32, seq=16)["data_hex"]), raw=False)
         hostile = [
@@ -335,7 +309,6 @@ def test_hostile_messages_rejected_while_nodes_serve(line: Line) -> None:
         assert {"replay", "malformed", "bad-signature", "unsigned", "wrong-model", "oversize"} <= set(rej), rej
         for node in (line.b, line.c):
             assert line.providers(node, "5b" * 32) == [] and line.providers(node, "5c" * 32) == []
-            mark('assert line.providers(node, "5b" * 32) == [] and l')
         assert line.admin(line.b, "/admin/peers")["stats"]["evidence"]["rejected"] >= 1
 
         # Hostile fetch requests: each gets a clear refusal (or a reset), B keeps serving.
