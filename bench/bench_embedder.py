@@ -59,13 +59,19 @@ opts = ort.SessionOptions(); opts.intra_op_num_threads = 2
 sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 tok = Tokenizer.from_file(sys.argv[4]); tok.enable_truncation(256)
 names = [i.name for i in sess.get_inputs()]
+# This export has several outputs; the first is not the embedding. Take the token states
+# (rank 3, last dim 384), else a pooled (rank 2, 384) one.
+outs = sess.get_outputs()
+pick = next((o.name for o in outs if len(o.shape) == 3 and o.shape[-1] == 384), None) or \
+    next(o.name for o in outs if len(o.shape) == 2 and o.shape[-1] == 384)
 load = time.perf_counter() - t
 def emb(s):
     e = tok.encode(s)
     ids = np.asarray([e.ids], dtype=np.int64)
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-    h = sess.run(None, {k: v for k, v in feed.items() if k in names})[0][0]
-    v = h.mean(0)
+    out = sess.run([pick], {k: v for k, v in feed.items() if k in names})[0]
+    # token states (1, n, d): mean-pool them; an export that pools already gives (1, d)
+    v = out[0].mean(0) if out.ndim == 3 else out[0]
     return v / np.linalg.norm(v)
 texts = json.load(open(sys.argv[1]))
 [emb(s) for s in texts[:4]]

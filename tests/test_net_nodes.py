@@ -353,3 +353,22 @@ def test_cli_peers_and_reputation_of_running_nodes(line: Line) -> None:
     assert a_row["successes"] > 0.9 and not a_row["banned"]
     one = cli("reputation", line.a.peer_id, "--url", line.c.url, "--json")
     assert [r["peer_id"] for r in one["peers"]] == [line.a.peer_id] and one["peers"][0]["evidence_detail"] == []
+
+
+def test_new_node_learns_existing_entries_from_its_neighbour(line: Line) -> None:
+    prompt = "The three primary colours are"  # C holds it (fetched from A, shared)
+    key = line.complete(line.c, prompt)["x_cache"]["input_sha256"]
+    rounds = line.admin(line.c, "/admin/peers")["stats"]["published"]["rounds_for_new_mesh_peers"]
+    env = {"P2PCACHE_KV_PREFIX": "false"}
+    d = start_node("D", line.tmp / "d", extra=["--n-ctx", "2048", "--bootstrap", line.c.ready["addrs"][0]], env=env)
+    try:
+        until(lambda: in_mesh(line, d) >= 1, MESH_TIMEOUT_S, "D joins C's mesh")
+        # C re-announces its inventory when a peer joins its mesh, well before the periodic
+        # re-advertisement (30 s): D learns the old entry within seconds.
+        until(lambda: line.admin(line.c, "/admin/peers")["stats"]["published"]["rounds_for_new_mesh_peers"] > rounds,
+              15, "C re-announces for its new mesh peer")
+        assert line.c.peer_id in line.providers(d, key, wait_s=15)
+        got = line.complete(d, prompt)
+        assert got["x_cache"]["level"] == "L2" and got["x_cache"]["peer"]["verified"] is True
+    finally:
+        assert stop_all([d]) == {"D": 0}

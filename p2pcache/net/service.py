@@ -63,6 +63,7 @@ class NetConfig:
     ad_batch_s: float = 0.25  # new entries are batched this long into one advert
     readvertise_s: float = 30.0  # full inventory re-announced (new peers learn old entries)
     readvertise_max: int = 4096  # newest shared entries re-announced
+    readvertise_min_gap_s: float = 2.0  # at most this often when new mesh peers keep joining
     heartbeat_s: int = 1
     dial_timeout_s: float = 10.0
     bootstrap_retry_s: float = 2.0
@@ -97,6 +98,7 @@ class NetService:
         self.router: GossipSub | None = None
         self.running = False
         self.evidence_stats = {"accepted": 0, "rejected": 0, "confirmed": 0, "refuted": 0}
+        self.publish_stats = {"adverts": 0, "inventory_rounds": 0, "rounds_for_new_mesh_peers": 0}
         self._pending: dict[str, AdEntry] = {}
         self._pending_wake = trio.Event()
         self._seq = 0
@@ -138,6 +140,7 @@ class NetService:
         """Counters for /admin/peers: adverts accepted/rejected by reason, evidence, server, L2."""
         return {"ads": {"accepted": self.validator.stats.accepted, "rejected": dict(self.validator.stats.rejected)},
                 "evidence": dict(self.evidence_stats), "server": dict(vars(self.server.stats)),
+                "published": dict(self.publish_stats),
                 "tier": dict(self.tier.stats), "index": self.index.snapshot()}
 
     def _index_changed(self) -> None:
@@ -171,6 +174,7 @@ class NetService:
             ad = make_advert(self.identity, self.model_hash, self.addrs()[:4], self._next_seq(),
                              entries[i:i + MAX_AD_ENTRIES // 2])
             await self.pubsub.publish(ads_topic(self.model_hash), ad.encode())
+            self.publish_stats["adverts"] += 1
 
     async def _ad_batcher(self) -> None:
         while True:
@@ -192,14 +196,30 @@ class NetService:
                 for e in entries[: self.config.readvertise_max]]
 
     async def _readvertiser(self) -> None:
+        """Re-announce the inventory every `readvertise_s`, and soon after a new peer joins our
+        ad mesh (adverts only go to mesh peers: one that joined later missed them; at start-up
+        the mesh is empty, so this is also when a restarted node first announces)."""
+        topic = ads_topic(self.model_hash)
+        known: set[ID] = set()
+        joined = False
         while True:
             inv = await trio.to_thread.run_sync(self.shared_inventory)
             if inv:
                 try:
                     await self._publish_ads(inv)
+                    self.publish_stats["inventory_rounds"] += 1
+                    self.publish_stats["rounds_for_new_mesh_peers"] += joined
                 except Exception as exc:
                     log.warning("could not re-advertise: %r", exc)
-            await trio.sleep(self.config.readvertise_s)
+            sent_at, joined = trio.current_time(), False
+            with trio.move_on_after(self.config.readvertise_s):
+                while True:
+                    # GossipSub has no mesh-change event: look once per heartbeat
+                    await trio.sleep(self.config.heartbeat_s)
+                    mesh = set(self.router.mesh.get(topic, ())) if self.router is not None else set()
+                    joined, known = joined or bool(mesh - known), mesh
+                    if False and joined and trio.current_time() - sent_at >= self.config.readvertise_min_gap_s:
+                        break
 
     # -- evidence -------------------------------------------------------------------------
     async def publish_evidence(self, data: bytes) -> None:
