@@ -260,3 +260,14 @@ def test_sampled_output_resumes_identically(kv: KvPrefixCache, backend: LlamaBac
     resumed = kv.generate(tokens, params)
     assert resumed.cached_tokens > 0 and resumed.generation.tokens == cold.tokens
     assert llama_cpp.llama_model_n_swa(backend.llm._model.model) == kv.n_swa > 0
+
+
+def test_cli_kv_type_option(tmp_path: Path) -> None:
+    """--kv-type reaches the backend: q8_0 answers; an unknown type is a clear error."""
+    env = {**os.environ, "P2PCACHE_DATA_DIR": str(tmp_path)}
+    base = [sys.executable, "-m", "p2pcache", "generate", "--n-ctx", "512", "-n", "4", "--json"]
+    bad = subprocess.run(base + ["--kv-type", "q9", "Hello"], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "unknown KV type" in bad.stderr
+    ok = subprocess.run(base + ["--kv-type", "q8_0", "Hello"], capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["cache_level"] == "L3"

@@ -201,25 +201,26 @@ class NetService:
         the mesh is empty, so this is also when a restarted node first announces)."""
         topic = ads_topic(self.model_hash)
         known: set[ID] = set()
-        joined = False
+        early = False  # this round was brought forward by a new mesh peer
         while True:
             inv = await trio.to_thread.run_sync(self.shared_inventory)
             if inv:
                 try:
                     await self._publish_ads(inv)
                     self.publish_stats["inventory_rounds"] += 1
-                    self.publish_stats["rounds_for_new_mesh_peers"] += joined
+                    self.publish_stats["rounds_for_new_mesh_peers"] += early
                 except Exception as exc:
                     log.warning("could not re-advertise: %r", exc)
             sent_at, joined = trio.current_time(), False
-            with trio.move_on_after(self.config.readvertise_s):
+            with trio.move_on_after(self.config.readvertise_s) as waited:
                 while True:
                     # GossipSub has no mesh-change event: look once per heartbeat
                     await trio.sleep(self.config.heartbeat_s)
                     mesh = set(self.router.mesh.get(topic, ())) if self.router is not None else set()
                     joined, known = joined or bool(mesh - known), mesh
-                    if False and joined and trio.current_time() - sent_at >= self.config.readvertise_min_gap_s:
+                    if joined and trio.current_time() - sent_at >= self.config.readvertise_min_gap_s:
                         break
+            early = not waited.cancelled_caught
 
     # -- evidence -------------------------------------------------------------------------
     async def publish_evidence(self, data: bytes) -> None:
