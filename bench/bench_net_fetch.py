@@ -1,13 +1,13 @@
 """Fetch throughput of one value over libp2p (/otd/fetch/1.0.0, Noise + yamux) vs a plain
 trio TCP socket, loopback, server and client in separate processes. Prints a table of medians.
 
-    flock -x /tmp/p2pcache-bench.lock .venv/bin/python bench/bench_net_fetch.py --mb 64 --runs 5
+    flock -x /tmp/p2pcache-bench.lock .venv/bin/python bench/bench_net_fetch.py --rounds 5 --runs 3
 
-Modes: ``tcp-raw`` (plain socket, no integrity work: the issue's 3.8 GB/s baseline),
+Modes: ``tcp-raw`` (plain socket, no integrity work: the issue's baseline, 3.8 GB/s in one process),
 ``tcp-sha256`` (plain socket + the sha256 the fetch client does), ``tcp-chacha`` (plain socket
-carrying the same ChaCha20-Poly1305 messages of <= 65,535 bytes as Noise, + sha256: the floor
-for any Noise transport in Python), ``libp2p-stock`` (py-libp2p as shipped), ``libp2p-fast``
-(with `p2pcache.net.fastpath`). ``--profile DIR`` writes cProfile stats of both processes
+carrying the same ChaCha20-Poly1305 messages of <= 65,535 bytes as Noise, + sha256: roughly
+what any Noise transport in Python pays; a simple loop, not a tuned floor), ``libp2p-stock``
+(py-libp2p as shipped), ``libp2p-fast`` (with `p2pcache.net.fastpath`). ``--profile DIR`` writes cProfile stats of both processes
 per libp2p mode and prints the top functions (profiling slows the run; figures then are not
 throughput figures).
 """

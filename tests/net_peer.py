@@ -30,7 +30,7 @@ from p2pcache.keys import SamplingParams
 from p2pcache.net.ads import ads_topic
 from p2pcache.net.evidence import evidence_topic
 from p2pcache.net.fetch import (FetchRequest, FetchServer, ResponseHeader, StoreSource, entry_from_wire,
-                                entry_to_wire, fetch, write_body)
+                                entry_to_wire, fetch)
 from p2pcache.net.service import NetConfig, NetService, register_tier
 from p2pcache.net.tier import TierConfig
 from p2pcache.net.wire import LEN, pack_msg

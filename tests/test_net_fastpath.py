@@ -123,7 +123,8 @@ def test_fast_path_body_is_encrypted_on_the_wire_and_arrives_intact(serve) -> No
 
 
 @pytest.mark.parametrize("server_fast,client_fast", [(True, False), (False, True)])
-def test_fast_path_interoperates_with_stock_py_libp2p(serve, server_fast: bool, client_fast: bool) -> None:  # type: ignore[no-untyped-def]
+def test_fast_path_interoperates_with_stock_py_libp2p(  # type: ignore[no-untyped-def]
+        serve, server_fast: bool, client_fast: bool) -> None:
     port, pid = serve(server_fast)
     got = fetch_via(port, pid, client_fast)
     assert got["ok"], got

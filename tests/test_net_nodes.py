@@ -311,6 +311,13 @@ def test_hostile_messages_rejected_while_nodes_serve(line: Line) -> None:
             assert line.providers(node, "5b" * 32) == [] and line.providers(node, "5c" * 32) == []
         assert line.admin(line.b, "/admin/peers")["stats"]["evidence"]["rejected"] >= 1
 
+        # A private entry is never served, even to a peer that asks for its exact key.
+        private = line.complete(line.b, "Secret plan number nine:", share=False)["x_cache"]["input_sha256"]
+        shared = line.complete(line.b, "Public fact number nine:")["x_cache"]["input_sha256"]
+        asked = h.call("fetch", peer=line.b.peer_id, addrs=line.b.ready["addrs"], key=private)
+        assert not asked["fetched"] and asked["error"] == "NotFound"
+        assert h.call("fetch", peer=line.b.peer_id, addrs=line.b.ready["addrs"], key=shared)["fetched"]
+
         # Hostile fetch requests: each gets a clear refusal (or a reset), B keeps serving.
         garbage = [
             b"\x00\x00\x00\x05hello",  # a frame that is not msgpack

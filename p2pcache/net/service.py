@@ -39,7 +39,7 @@ from p2pcache.net.fetch import FetchServer, ServerLimits, StoreSource
 from p2pcache.net.host import HostConfig, dial, full_addrs, running_host
 from p2pcache.net.reputation import Reputation, ReputationConfig
 from p2pcache.net.tier import PeerTier, TierConfig
-from p2pcache.net.verify import BackendScorer, VerifyConfig, verify_decoder_final
+from p2pcache.net.verify import BackendScorer, verify_decoder_final
 from p2pcache.store import Entry, Store
 
 if TYPE_CHECKING:
