@@ -214,17 +214,39 @@ def test_share_by_default_node_shares_unless_the_request_says_private(tmp_path: 
         assert n.stop() == 0, n.log_tail()
 
 
+def wait_for_log(n: NodeProcess, msg: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(rec.get("msg") == msg for rec in n.log_records()):
+        assert time.monotonic() < deadline and n.proc.poll() is None, f"no {msg!r} in the log:\n{n.log_tail()}"
+        time.sleep(0.05)  # polls the node's log file (no other channel tells us)
+
+
 def test_second_signal_stops_at_once_and_still_exits_cleanly(tmp_path: Path) -> None:
     n = start_node("twice", tmp_path / "twice", extra=("--n-ctx", "1024"))
     body = {"model": n.ready["model"], "prompt": unique("Hello"), "max_tokens": 2}
     assert httpx.post(n.url + "/v1/completions", json=body, timeout=HTTP_TIMEOUT).status_code == 200
-    n.signal()
-    n.signal()  # e.g. Ctrl-C pressed twice: no drain, but LMDB still closes
-    try:
-        code = n.proc.wait(timeout=60)
-    finally:
-        if n.proc.poll() is None:
-            n.proc.kill()
+    # A long generation is in flight, so the drain the first signal starts cannot finish
+    # before the second one arrives (with nothing in flight it would, and race).
+    long_body = {"model": n.ready["model"], "prompt": unique("Count:") + " 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
+                 "max_tokens": 900}
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(httpx.post, n.url + "/v1/completions", json=long_body, timeout=HTTP_TIMEOUT)
+        deadline = time.monotonic() + 30
+        while not status(n)["model_busy"]:
+            assert time.monotonic() < deadline and not pending.done(), "the long request never started"
+            time.sleep(0.05)
+        n.signal()
+        # trio coalesces a signal that arrives again before it was read: wait until the node
+        # has taken the first one, then "Ctrl-C" again: no drain, but LMDB still closes.
+        wait_for_log(n, "shutting down (drain)")
+        n.signal()
+        try:
+            code = n.proc.wait(timeout=60)
+        finally:
+            if n.proc.poll() is None:
+                n.proc.kill()
+        with pytest.raises(httpx.HTTPError):  # the forced stop cut the in-flight request
+            pending.result(timeout=30).raise_for_status()
     assert code == 0, n.log_tail()
     msgs = [rec.get("msg") for rec in n.log_records()]
     assert "second signal: stopping now" in msgs and msgs[-1] == "shutdown complete", msgs[-5:]
