@@ -76,6 +76,14 @@ def until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.1)  # polling interval of a cross-process condition, not a synchronisation sleep
 
 
+def metric(line: Line, node: NodeProcess, name: str) -> float:
+    """One unlabelled sample from the node's /metrics."""
+    text = line.http.get(f"{node.url}/metrics").text
+    values = [float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(name + " ")]
+    assert len(values) == 1, f"{name} not in /metrics"
+    return values[0]
+
+
 def in_mesh(line: Line, node: NodeProcess) -> int:
     """Peers in ``node``'s GossipSub mesh for the ad topic (adverts go to mesh peers)."""
     return sum(1 for p in line.admin(node, "/admin/peers")["peers"] if p.get("subscribed") and p.get("mesh"))
@@ -143,6 +151,9 @@ def test_answer_computed_on_a_served_on_c_from_l2_then_l0(line: Line) -> None:
     assert again["x_cache"]["level"] == "L0" and again["choices"][0]["text"] == on_a["choices"][0]["text"]
     rec = line.rep_of(line.c, line.a.peer_id)
     assert rec["successes"] > 0.9 and rec["failures"] == 0 and rec["bytes_in"] > 0 and not rec["banned"]
+    # Prometheus sees the transfer on both ends.
+    assert metric(line, line.c, "p2pcache_bytes_fetched_total") >= x["peer"]["bytes"] > 0
+    assert metric(line, line.a, "p2pcache_bytes_served_total") >= x["peer"]["bytes"]
 
     # A sampled (seeded) answer is verified too: every token in C's local top-k / above min_p.
     sampled = {"temperature": 0.8, "seed": 7}
@@ -186,6 +197,7 @@ def test_liar_is_caught_banned_and_evidence_spreads(line: Line) -> None:
             assert "not the local argmax" in rec["evidence_detail"][-1]["reason"], rec["evidence_detail"]
             assert rec["banned"] is (i == 1), rec  # banned after the second proven lie
         assert line.admin(line.c, "/admin/peers")["stats"]["tier"]["verified_failures"] == 2
+        assert metric(line, line.c, "p2pcache_verification_failures_total") == 2
 
         # Evidence reaches A and B; each re-verified it on its own model before acting.
         for node in (line.a, line.b):

@@ -273,9 +273,11 @@ class FetchServer:
     """The ``/otd/fetch/1.0.0`` handler. Register with ``host.set_stream_handler``."""
 
     def __init__(self, identity: Identity, source: ValueSource, limits: ServerLimits | None = None,
-                 is_banned: Callable[[str], bool] = lambda _p: False) -> None:
+                 is_banned: Callable[[str], bool] = lambda _p: False,
+                 on_served: Callable[[int], None] = lambda _n: None) -> None:
         self.identity = identity
         self.source = source
+        self.on_served = on_served  # bytes of each body served (the node's metrics)
         self.limits = limits or ServerLimits()
         self.is_banned = is_banned
         self.stats = ServerStats()
@@ -345,6 +347,7 @@ class FetchServer:
         await stream.close()
         self.stats.served += 1
         self.stats.bytes_out += len(body)
+        self.on_served(len(body))
 
 
 async def write_body(stream: INetStream, body: bytes, frame_size: int) -> None:

@@ -91,7 +91,8 @@ class NetService:
         self.validator = AdValidator(model_hash, self.index, identity.peer_id,
                                      is_banned=self.rep.is_banned, max_age_s=self.config.max_ad_age_s)
         self.server = FetchServer(identity, StoreSource(store, model_hash), self.config.server,
-                                  is_banned=self.rep.is_banned)
+                                  is_banned=self.rep.is_banned,
+                                  on_served=metrics.bytes_served.inc if metrics is not None else lambda _n: None)
         self.tier = PeerTier(self, self.config.tier)
         self.host: IHost | None = None  # type: ignore[assignment]
         self.pubsub: Pubsub | None = None
