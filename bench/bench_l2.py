@@ -5,7 +5,9 @@
 ``verify``: in one process, the real model. For 64- and 256-token outputs (greedy and sampled)
 generate an answer (what L3 pays), sign it as a producer would, then time
 `p2pcache.net.verify.verify_decoder_final` on it: static checks + one teacher-forced prefill
-of prompt + claimed output with logits at every output position (`LlamaBackend.score`).
+of prompt + claimed output with logits at every output position (`LlamaBackend.check`). For
+comparison, the same output is also run through `LlamaBackend.score` (the full log-softmax and
+top-k that verification computed before `check`: "score ms").
 
 ``e2e``: three `p2pcache node run` processes on loopback in a line A - B - C (B bootstraps
 from A, C from B; C never dials A). Per run, one fresh prompt, 256 tokens, greedy:
@@ -67,18 +69,18 @@ def bench_verify(runs: int, sizes: list[int]) -> list[dict[str, Any]]:
     backend = LlamaBackend(BackendConfig(model_path=path, n_ctx=4096))
     producer = Identity.load_or_create(tmp / "producer.key")
 
-    class Recording(BackendScorer):  # keeps the last Score: the honest logit gaps, for the table
+    class Recording(BackendScorer):  # keeps the last checks: the honest logit gaps, for the table
         last: Any = None
 
-        def score(self, prompt: Any, completion: Any, top_k: int = 0) -> Any:
-            self.last = super().score(prompt, completion, top_k)
+        def check(self, prompt: Any, completion: Any, top_k: int = 0, logprob_floor: Any = None) -> Any:
+            self.last = super().check(prompt, completion, top_k, logprob_floor)
             return self.last
 
     scorer = Recording(backend)
     rows = []
     for n in sizes:
         for mode in ("greedy", "sampled"):
-            gen_ms, ver_ms, made, rejected, worst = [], [], [], 0, 0.0
+            gen_ms, ver_ms, score_ms, made, rejected, worst = [], [], [], [], 0, 0.0
             for i in range(runs):
                 params = SamplingParams(max_tokens=n, temperature=0.0 if mode == "greedy" else 0.8,
                                         seed=1000 * n + i)
@@ -96,6 +98,10 @@ def bench_verify(runs: int, sizes: list[int]) -> list[dict[str, Any]]:
                 t0 = time.perf_counter()
                 verdict = verify_decoder_final(scorer, entry, key, mh, prompt, params)
                 ver_ms.append((time.perf_counter() - t0) * 1000)
+                scored = gen.tokens + ([scorer.eog_token] if gen.finish_reason == "stop" else [])
+                t0 = time.perf_counter()
+                backend.score(prompt, scored, top_k=0 if mode == "greedy" else params.top_k)
+                score_ms.append((time.perf_counter() - t0) * 1000)
                 if not verdict.ok:  # an honest answer rejected: a finding, not a crash
                     rejected += 1
                     print(f"  honest {mode} {n}-token answer {i} rejected: {verdict.reason}", flush=True)
@@ -104,6 +110,7 @@ def bench_verify(runs: int, sizes: list[int]) -> list[dict[str, Any]]:
                     worst = max([worst] + [sc.gaps[j] for j, t in enumerate(gen.tokens) if sc.argmax[j] != t])
             g, v = med(gen_ms), med(ver_ms)
             rows.append({"max_tokens": n, "mode": mode, "tokens": med(made), "gen_ms": g, "verify_ms": v,
+                         "score_ms": med(score_ms),
                          "ratio": v / g, "rejected": rejected, "worst_gap": worst})
     shutil.rmtree(tmp, ignore_errors=True)
     return rows
@@ -243,14 +250,15 @@ def main() -> None:
         rows = bench_verify(a.runs, [int(x) for x in a.sizes.split(",")])
         print(f"\nVerification vs generation, Gemma 3 270M Q4_K_M, medians of {a.runs} prompts")
         print(f"{'max_tokens':>10} {'mode':<8} {'tokens':>6} {'generate ms':>12} {'verify ms':>10} "
-              f"{'verify/gen':>17} {'rejected':>8} {'max gap':>8}")
+              f"{'verify/gen':>17} {'rejected':>8} {'max gap':>8} {'score ms':>9}")
         for r in rows:
             gap = f"{r['worst_gap']:.3f}" if r["mode"] == "greedy" else "-"
             print(f"{r['max_tokens']:>10} {r['mode']:<8} {r['tokens']:>6.0f} {r['gen_ms']:>12.1f} "
                   f"{r['verify_ms']:>10.1f} {r['ratio']:>8.3f} (1/{1 / r['ratio']:4.1f}) "
-                  f"{r['rejected']:>5}/{a.runs:<2} {gap:>8}")
+                  f"{r['rejected']:>5}/{a.runs:<2} {gap:>8} {r['score_ms']:>9.1f}")
         print("rejected: honest answers that failed verification; max gap: largest logit gap where the "
-              "token decoded one at a time is not the argmax of the batched prefill")
+              "token decoded one at a time is not the argmax of the batched prefill; score ms: the same "
+              "output through LlamaBackend.score (full log-softmax, top-k), as verification ran before")
     if "e2e" in parts:
         print(f"\nEnd to end on C, line A - B - C, {a.e2e_tokens} tokens greedy, separate node processes", flush=True)
         res = bench_e2e(a.runs, a.e2e_tokens, a.keep)["rows"]

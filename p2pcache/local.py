@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from p2pcache.backend import BackendConfig, BackendWorker, LlamaBackend, resolve_model_path
+from p2pcache.backend import BackendConfig, BackendWorker, LlamaBackend, TokenHook, resolve_model_path
 from p2pcache.identity import Identity
 from p2pcache.keys import ModelHashMemo, model_hash
 from p2pcache.keys.model_hash import ProgressFn
@@ -114,8 +114,9 @@ class LocalNode:
         self.kv = KvPrefixCache(self.backend, KvChunkStore(self.store), self.model_hash, policy)
         self.resolver.kv = self.kv if self.kv.enabled else None
 
-    async def resolve(self, request: Request) -> Answer:
-        return await self.resolver.resolve(request)
+    async def resolve(self, request: Request, on_token: TokenHook | None = None) -> Answer:
+        """``on_token``: see `Resolver.resolve` (live tokens of an L3 computation)."""
+        return await self.resolver.resolve(request, on_token)
 
     def close(self) -> None:
         if self.semantic is not None:

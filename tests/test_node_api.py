@@ -228,7 +228,7 @@ def test_second_signal_stops_at_once_and_still_exits_cleanly(tmp_path: Path) -> 
     # A long generation is in flight, so the drain the first signal starts cannot finish
     # before the second one arrives (with nothing in flight it would, and race).
     long_body = {"model": n.ready["model"], "prompt": unique("Count:") + " 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
-                 "max_tokens": 900}
+                 "max_tokens": 400}
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(httpx.post, n.url + "/v1/completions", json=long_body, timeout=HTTP_TIMEOUT)
         deadline = time.monotonic() + 30

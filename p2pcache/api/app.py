@@ -1,9 +1,10 @@
 """The node's HTTP API (ASGI, Starlette; served on trio by hypercorn).
 
 - ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` as server-sent
-  events), ``GET /v1/models``: OpenAI-compatible. Every answer says which cache level served
-  it: the ``x_cache`` object in the body (every chunk when streamed) and the
-  ``X-Cache-Level`` header.
+  events, live while an L3 answer is generated: `p2pcache.api.streaming`), ``GET /v1/models``:
+  OpenAI-compatible. Every answer says which cache level served it: the ``x_cache`` object in
+  the body (every chunk when streamed; a live stream's timings come in its final chunk) and
+  the ``X-Cache-Level`` header.
 - ``GET /admin/status``, ``/admin/cache``, ``/admin/peers``, ``/admin/reputation``,
   ``/admin/providers``, ``GET /metrics`` (Prometheus), ``GET /healthz``.
 
@@ -32,11 +33,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from p2pcache import __version__
 from p2pcache.api.schemas import ChatCompletionRequest, CompletionRequest, _Base
-from p2pcache.backend import Overloaded, PromptTooLong
+from p2pcache.api.streaming import Chunk, LiveSSE, LiveText
+from p2pcache.backend import Overloaded, PromptTooLong, TokenHook
 from p2pcache.keys import SamplingParams
 from p2pcache.node.logs import fields
 from p2pcache.node.runtime import NodeRuntime
 from p2pcache.resolver import Answer, Request
+from p2pcache.resolver.ladder import Keyed
 
 log = logging.getLogger("p2pcache.api")
 
@@ -144,10 +147,20 @@ class Api:
         self._check_model(body.model)
         return body
 
-    async def _resolve(self, req: Request) -> Answer:
+    async def _resolve(
+        self, req: Request, keyed: list[Keyed] | None = None, on_token: TokenHook | None = None
+    ) -> Answer:
+        """Run the ladder; ``on_token`` streams an L3 computation live (``keyed`` gets the
+        tokenized request first, for the live chunks' ``x_cache``)."""
         t0 = time.perf_counter()
         try:
-            answer = await self.node.resolve(req)
+            if on_token is None:
+                answer = await self.node.resolve(req)
+            else:
+                k = self.node.resolver.keyed(req)
+                if keyed is not None:
+                    keyed.append(k)
+                answer = await self.node.resolver.resolve(req, on_token, k)
         except PromptTooLong as exc:
             raise ApiError(400, str(exc), param="messages" if req.messages else "prompt",
                            code="context_length_exceeded") from None
@@ -190,6 +203,8 @@ class Api:
         if a.cache_level == "L2":  # which peer, verified, fetch and verification times
             x["peer"] = {k: a.details[k] for k in ("peer", "producer", "verified", "fetch_ms", "verify_ms", "bytes")
                          if k in a.details}
+        if "kv_peer" in a.details:  # L3 resumed from KV chunks fetched from a peer
+            x["kv_peer"] = a.details["kv_peer"]
         return x
 
     @staticmethod
@@ -204,23 +219,24 @@ class Api:
     def _share(self, body: _Base) -> bool:
         return self.config.share_by_default if body.share is None else body.share
 
-    async def completions(self, request: HttpRequest) -> Response:
+    async def completions(self, request: HttpRequest) -> Response | LiveSSE:
         body = await self._parse(request, CompletionRequest)
         assert isinstance(body, CompletionRequest)
         req = Request(prompt=body.prompt_text, params=self._params(body, body.max_tokens), share=self._share(body),
                       semantic=body.semantic)
+        if body.stream:
+            created = int(time.time())
+            rid = "cmpl-" + uuid.uuid4().hex
+
+            def chunk(text: str | None, finish: str | None, x: dict[str, Any]) -> dict[str, Any]:
+                return {"id": rid, "object": "text_completion", "created": created, "model": self.rt.model_id,
+                        "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}],
+                        "x_cache": x}
+            return self._stream(req, chunk, body.include_usage, lambda c: c)
         answer = await self._resolve(req)
         created = int(time.time())
         rid = "cmpl-" + uuid.uuid4().hex
         usage = _usage(answer)
-        if body.stream:
-            x = self._x_cache(answer)
-
-            def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
-                return {"id": rid, "object": "text_completion", "created": created, "model": self.rt.model_id,
-                        "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}],
-                        "x_cache": x}
-            return self._sse(answer, chunk, usage if body.include_usage else None, lambda c: c)
         return FastJSON(
             {
                 "id": rid, "object": "text_completion", "created": created, "model": self.rt.model_id,
@@ -230,20 +246,17 @@ class Api:
             headers=self._headers(answer),
         )
 
-    async def chat_completions(self, request: HttpRequest) -> Response:
+    async def chat_completions(self, request: HttpRequest) -> Response | LiveSSE:
         body = await self._parse(request, ChatCompletionRequest)
         assert isinstance(body, ChatCompletionRequest)
         messages = tuple(m.as_template_message() for m in body.messages)
         req = Request(messages=messages, params=self._params(body, body.token_limit), share=self._share(body),
                       semantic=body.semantic)
-        answer = await self._resolve(req)
-        created = int(time.time())
-        rid = "chatcmpl-" + uuid.uuid4().hex
-        usage = _usage(answer)
         if body.stream:
-            x = self._x_cache(answer)
+            created = int(time.time())
+            rid = "chatcmpl-" + uuid.uuid4().hex
 
-            def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+            def chunk(text: str | None, finish: str | None, x: dict[str, Any]) -> dict[str, Any]:
                 delta: dict[str, Any] = {} if text is None else {"content": text}
                 return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.rt.model_id,
                         "system_fingerprint": None,
@@ -254,7 +267,11 @@ class Api:
                 c["choices"][0]["delta"]["role"] = "assistant"
                 return c
 
-            return self._sse(answer, chunk, usage if body.include_usage else None, first)
+            return self._stream(req, chunk, body.include_usage, first)
+        answer = await self._resolve(req)
+        created = int(time.time())
+        rid = "chatcmpl-" + uuid.uuid4().hex
+        usage = _usage(answer)
         return FastJSON(
             {
                 "id": rid, "object": "chat.completion", "created": created, "model": self.rt.model_id,
@@ -267,17 +284,42 @@ class Api:
             headers=self._headers(answer),
         )
 
-    def _sse(self, answer: Answer, chunk: Any, usage: dict[str, int] | None, first: Any) -> StreamingResponse:
-        """Stream the answer as server-sent events, one event per completion token."""
+    def _stream(self, req: Request, chunk: Chunk, include_usage: bool, first: Any) -> LiveSSE:
+        """``stream: true``: live events while an L3 answer is generated, else `_sse`."""
+        keyed: list[Keyed] = []
+        live = LiveText(lambda toks: self.node.backend.llm.detokenize(list(toks)), req.params.stop)
+
+        def x_live() -> dict[str, Any]:  # per-token chunks: the level and key (timings come last)
+            k = keyed[0]
+            return {"level": "L3", "input_sha256": k.key, "model_hash": k.model_hash, "single_flight": False}
+
+        def error_event(exc: Exception) -> dict[str, Any]:
+            return {"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None,
+                              "code": None}}
+
+        return LiveSSE(
+            live=live,
+            resolve=lambda on_token: self._resolve(req, keyed=keyed, on_token=on_token),
+            chunk=chunk, first=first, x_live=x_live, x_final=self._x_cache,
+            usage=_usage if include_usage else None,
+            headers=lambda level: {"X-Cache-Level": level, "X-Cache-Key": keyed[0].key},
+            buffered=lambda a: self._sse(a, chunk, _usage(a) if include_usage else None, first),
+            error_response=lambda exc: exc.response() if isinstance(exc, ApiError) else None,
+            error_event=error_event, dumps=_dumps,
+        )
+
+    def _sse(self, answer: Answer, chunk: Chunk, usage: dict[str, int] | None, first: Any) -> StreamingResponse:
+        """Stream a complete answer as server-sent events, one event per completion token."""
         pieces = self._pieces(answer)
+        x = self._x_cache(answer)
 
         async def events() -> AsyncIterator[bytes]:
             for i, piece in enumerate(pieces or [""]):
-                c = chunk(piece, None)
+                c = chunk(piece, None, x)
                 yield b"data: " + _dumps(first(c) if i == 0 else c) + b"\n\n"
-            yield b"data: " + _dumps(chunk(None, answer.finish_reason)) + b"\n\n"
+            yield b"data: " + _dumps(chunk(None, answer.finish_reason, x)) + b"\n\n"
             if usage is not None:
-                u = chunk(None, None)
+                u = chunk(None, None, x)
                 u["choices"] = []
                 u["usage"] = usage
                 yield b"data: " + _dumps(u) + b"\n\n"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,9 +17,14 @@ from typing import Any
 import llama_cpp
 
 from p2pcache.backend.chat_templates import fallback_template
+from p2pcache.backend.logit_checks import CheckReducer, TokenChecks
 from p2pcache.keys import SamplingParams
 
 log = logging.getLogger(__name__)
+
+
+TokenHook = Callable[[int], None]
+"""Called on the model's thread with each completion token as it is sampled (live streaming)."""
 
 
 class PromptTooLong(ValueError):
@@ -148,9 +153,12 @@ class LlamaBackend:
                 f"context window of {self.config.n_ctx} tokens"
             )
 
-    def generate(self, prompt: Sequence[int], params: SamplingParams) -> Generation:
+    def generate(
+        self, prompt: Sequence[int], params: SamplingParams, on_token: TokenHook | None = None
+    ) -> Generation:
         """Run the model from an empty KV cache. Greedy output is deterministic; sampled
-        output is reproducible from ``params.seed``."""
+        output is reproducible from ``params.seed``. ``on_token`` (live streaming) is called
+        on this thread with each completion token as soon as it is sampled; it must not raise."""
         prompt = list(prompt)
         if not prompt:
             raise ValueError("empty prompt")
@@ -179,6 +187,8 @@ class LlamaBackend:
                 finish = "stop"
                 break
             out.append(token)
+            if on_token is not None:
+                on_token(token)
             if params.stop:
                 so_far = self.detokenize(out)
                 cut = min((i for s in params.stop if (i := so_far.find(s)) >= 0), default=-1)
@@ -201,32 +211,23 @@ class LlamaBackend:
 
     # -- teacher-forced scoring (verification and quality gates) --------------------------
     def score(
-        self, prompt: Sequence[int], completion: Sequence[int], top_k: int = 0, chunk: int = 64
+        self, prompt: Sequence[int], completion: Sequence[int], top_k: int = 0, chunk: int = 64,
+        merged: bool = False,
     ) -> Score:
         """One teacher-forced prefill of ``prompt + completion``: per completion token its
         log-probability, the local argmax, the logit gap to the argmax and (``top_k`` > 0)
-        the top-k alternatives. Used by the L1 quality gate and by peers verifying a claimed
-        ``decoder_final`` (greedy: every token must be the argmax, within a tiny gap).
+        the top-k alternatives. Used by the L1 quality gate (exact log-probs); verification
+        uses the cheaper `check` (same prefill, yes/no answers).
 
         Starts from an empty KV cache like `generate`, and leaves the context holding
         ``prompt + completion[:-1]`` (``llm.n_tokens`` / ``input_ids`` kept consistent).
         Logits are requested only at the completion positions, ``chunk`` rows at a time
-        (a Gemma 3 row is 262k floats = 1 MiB)."""
+        (a Gemma 3 row is 262k floats = 1 MiB). ``merged=True`` batches as `check` does."""
         import numpy as np
 
-        prompt, completion = list(prompt), list(completion)
-        if not prompt:
-            raise ValueError("empty prompt")
-        if len(prompt) + len(completion) > self.config.n_ctx:
-            raise PromptTooLong(
-                f"prompt + completion ({len(prompt) + len(completion)} tokens) exceed the context "
-                f"window of {self.config.n_ctx} tokens"
-            )
-        llm = self.llm
-        n_vocab = llm.n_vocab()
+        completion = list(completion)
+        n_vocab = self.llm.n_vocab()
         t0 = time.perf_counter()
-        llm.reset()
-        llm.eval(prompt)  # logits of the last prompt token only: they predict completion[0]
         # Each block of logit rows is reduced in place, straight from llama.cpp's buffer (valid
         # until the next decode): no copy, no concatenation, one reused exp buffer. With a 262k
         # vocabulary that post-processing cost more than the LM head itself.
@@ -262,6 +263,86 @@ class LlamaBackend:
                 top_ids.extend(np.take_along_axis(part_idx, order, axis=1).tolist())
                 top_lps.extend((np.take_along_axis(part_val, order, axis=1) - lse[:, None]).tolist())
 
+        self._teacher_forced(prompt, completion, step, reduce, merged=merged)
+        return Score(
+            tokens=completion,
+            logprobs=logprobs.astype(float).tolist(),
+            argmax=argmax.astype(int).tolist(),
+            gaps=gaps.astype(float).tolist(),
+            top_ids=top_ids,
+            top_logprobs=top_lps,
+            prompt_tokens=len(prompt),
+            ms=(time.perf_counter() - t0) * 1000,
+        )
+
+    def check(
+        self, prompt: Sequence[int], completion: Sequence[int], top_k: int = 0,
+        logprob_floor: float | None = None, chunk: int = 128,
+    ) -> TokenChecks:
+        """What verification asks of the teacher-forced prefill `score` runs: per completion
+        token the argmax and the logit gap (as `score` computes them), with ``top_k`` > 0 its
+        rank (logits strictly above it), with a ``logprob_floor`` whether its log-prob is below
+        it. No log-softmax over the vocabulary except on the rare rows that need it
+        (`p2pcache.backend.logit_checks`).
+
+        Batches: the prompt shares its decode with the first output rows, then ``chunk`` rows
+        per decode (128 MiB of logits for Gemma 3). Fewer, fuller LM-head products: 256 output
+        tokens took ~0.93 s here against ~1.0 s in `score`'s prompt-then-64-row batches."""
+        completion = list(completion)
+        t0 = time.perf_counter()
+        reducer = CheckReducer(completion, self.llm.n_vocab(), top_k=top_k, logprob_floor=logprob_floor)
+        self._teacher_forced(prompt, completion, max(1, min(chunk, self.config.n_batch)), reducer,
+                             merged=True)
+        out = reducer.result()
+        out.prompt_tokens = len(prompt)
+        out.ms = (time.perf_counter() - t0) * 1000
+        return out
+
+    def _teacher_forced(
+        self, prompt: Sequence[int], completion: list[int], step: int,
+        reduce: Callable[[Any, int], None], merged: bool = False,
+    ) -> None:
+        """Prefill ``prompt + completion[:-1]`` from an empty KV cache, handing each block of
+        logit rows (a view of llama.cpp's buffer, valid until the next decode) to
+        ``reduce(block, first_completion_position)``. Row j predicts completion[j].
+
+        ``merged=False`` (`score`): the prompt in its own decodes, then ``step`` completion
+        tokens per decode. ``merged=True``: one token stream cut into decodes of at most
+        n_batch tokens, each ending after ``step`` logit rows (the first rows ride with the
+        prompt). The batching changes llama.cpp's float rounding, not what is computed."""
+        import numpy as np
+
+        prompt = list(prompt)
+        if not prompt:
+            raise ValueError("empty prompt")
+        if len(prompt) + len(completion) > self.config.n_ctx:
+            raise PromptTooLong(
+                f"prompt + completion ({len(prompt) + len(completion)} tokens) exceed the context "
+                f"window of {self.config.n_ctx} tokens"
+            )
+        llm = self.llm
+        n_vocab = llm.n_vocab()
+        llm.reset()
+        if merged:
+            toks = prompt + completion[:-1]
+            first = len(prompt) - 1  # the row of the last prompt token predicts completion[0]
+            llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+            pos = 0
+            while pos < len(toks):
+                end = min(len(toks), max(pos, first) + step, pos + self.config.n_batch)
+                part = toks[pos:end]
+                llm._batch.set_batch(batch=part, n_past=pos, logits_all=True)
+                for j in range(min(len(part), first - pos)):  # no logits for earlier prompt tokens
+                    llm._batch.batch.logits[j] = False
+                llm._ctx.decode(llm._batch)
+                llm.input_ids[pos:end] = part
+                llm.n_tokens = end
+                if end > first:
+                    at = max(pos, first)
+                    reduce(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(end - at, n_vocab)), at - first)
+                pos = end
+            return
+        llm.eval(prompt)  # logits of the last prompt token only: they predict completion[0]
         reduce(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(1, n_vocab)), 0)
         # Feed completion[:-1] with logits at every position: row i predicts completion[i+1].
         rest = completion[:-1]
@@ -274,13 +355,3 @@ class LlamaBackend:
             llm.input_ids[n_past : n_past + len(part)] = part
             llm.n_tokens += len(part)
             reduce(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(part), n_vocab)), 1 + i)
-        return Score(
-            tokens=completion,
-            logprobs=logprobs.astype(float).tolist(),
-            argmax=argmax.astype(int).tolist(),
-            gaps=gaps.astype(float).tolist(),
-            top_ids=top_ids,
-            top_logprobs=top_lps,
-            prompt_tokens=len(prompt),
-            ms=(time.perf_counter() - t0) * 1000,
-        )

@@ -7,7 +7,7 @@ from typing import TypeVar
 
 import trio
 
-from p2pcache.backend.llama_backend import Generation, LlamaBackend, Score
+from p2pcache.backend.llama_backend import Generation, LlamaBackend, Score, TokenHook
 from p2pcache.keys import SamplingParams
 
 T = TypeVar("T")
@@ -81,8 +81,10 @@ class BackendWorker:
             self.running = False
             self._limiter.release()
 
-    async def generate(self, tokens: Sequence[int], params: SamplingParams) -> Generation:
-        return await self.run(lambda: self.backend.generate(tokens, params))
+    async def generate(
+        self, tokens: Sequence[int], params: SamplingParams, on_token: TokenHook | None = None
+    ) -> Generation:
+        return await self.run(lambda: self.backend.generate(tokens, params, on_token))
 
     async def score(self, prompt: Sequence[int], completion: Sequence[int], top_k: int = 0) -> Score:
         """`LlamaBackend.score` on the worker thread (teacher-forced log-probs)."""

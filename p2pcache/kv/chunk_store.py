@@ -12,6 +12,10 @@
   prefix that does not fit the cap. Uses are buffered in memory and written with the next
   store (a restore must not pay an fsync).
 - ``kv_meta``:   counters, updated in the same transaction as the data they count.
+- ``kv_shared``: chunk hash -> empty: the chunk may be advertised and served to peers. Only a
+  shared request (or a fetch for one) marks its prompt's chunks; an unmarked chunk is private
+  (so a chunk of a private request stays private unless a shared request has the same
+  prefix, whose owner chose to share those tokens). The mark goes with the chunk on eviction.
 
 Dropping a chunk in the middle of a chain only shortens the prefixes found through it: a
 lookup walks the chain from the start and stops at the first missing or corrupt chunk.
@@ -136,6 +140,7 @@ class KvChunkStore:
         self._chunks = self.env.open_db(b"kv_chunks")
         self._use = self.env.open_db(b"kv_use")
         self._meta = self.env.open_db(b"kv_meta")
+        self._shared = self.env.open_db(b"kv_shared")
         self._lock = threading.Lock()
         self._pending_use: dict[bytes, tuple[int, int]] = {}
         self._pending_counts: dict[str, int] = {}
@@ -181,6 +186,63 @@ class KvChunkStore:
     def present(self, hashes: Sequence[bytes]) -> list[bool]:
         with self.env.begin(db=self._chunks) as txn:
             return [txn.get(h) is not None for h in hashes]
+
+    def shared_payloads(self, hashes: Sequence[bytes], expected_bytes: int) -> list[bytes] | None:
+        """Copies of the payloads of ``hashes`` if every one is stored, intact and shared
+        (what a peer may be served), else None: a private chunk looks like an absent one."""
+        out: list[bytes] = []
+        with self.env.begin(buffers=True) as txn:
+            for h in hashes:
+                raw = txn.get(h, db=self._chunks)
+                if raw is None or txn.get(h, db=self._shared) is None:
+                    return None
+                try:
+                    payload = unframe(h, raw)
+                except CorruptChunk:
+                    return None
+                if len(payload) != expected_bytes:
+                    return None
+                out.append(bytes(payload))
+        return out
+
+    def shared_tips(self, limit: int) -> list[tuple[bytes, int]]:
+        """(hash, depth) of up to ``limit`` shared chunks, most recently used first: every
+        shared chunk names a prefix a peer can fetch (the advertised inventory)."""
+        rows: list[tuple[int, bytes, int]] = []
+        with self.env.begin() as txn:
+            for k, _ in txn.cursor(db=self._shared):
+                use = txn.get(k, db=self._use)
+                if use is None or txn.get(k, db=self._chunks) is None:
+                    continue
+                at, depth = _USE.unpack_from(use, 0) if len(use) >= _USE.size else (_u64(use), 0)
+                rows.append((at, bytes(k), depth))
+        rows.sort(reverse=True)
+        return [(h, d) for _, h, d in rows[:limit]]
+
+    def mark_shared(self, hashes: Sequence[bytes]) -> list[bytes]:
+        """Mark the stored ones of ``hashes`` shareable; returns those newly marked."""
+        new: list[bytes] = []
+        with self.env.begin(write=True) as txn:
+            for h in hashes:
+                if txn.get(h, db=self._chunks) is not None and txn.get(h, db=self._shared) is None:
+                    txn.put(h, b"", db=self._shared)
+                    new.append(h)
+        return new
+
+    def drop(self, hashes: Sequence[bytes]) -> int:
+        """Delete chunks (e.g. a peer's chunks that failed a spot-check). Returns how many."""
+        n = 0
+        with self.env.begin(write=True) as txn:
+            for h in hashes:
+                raw = txn.get(h, db=self._chunks)
+                txn.delete(h, db=self._use)
+                txn.delete(h, db=self._shared)
+                if raw is not None:
+                    txn.delete(h, db=self._chunks)
+                    self._add(txn, "chunks", -1)
+                    self._add(txn, "bytes", -len(raw))
+                    n += 1
+        return n
 
     def count_lookup(self, prompt_tokens: int, restored_tokens: int) -> None:
         with self._lock:
@@ -267,6 +329,7 @@ class KvChunkStore:
             txn.drop(self._chunks, delete=False)
             txn.drop(self._use, delete=False)
             txn.drop(self._meta, delete=False)
+            txn.drop(self._shared, delete=False)
         return n
 
     def stats(self) -> KvStats:
@@ -301,6 +364,7 @@ class KvChunkStore:
             victims.pop()
             raw = txn.get(h, db=self._chunks)
             txn.delete(h, db=self._use)
+            txn.delete(h, db=self._shared)
             if raw is None:
                 continue
             txn.delete(h, db=self._chunks)
@@ -318,6 +382,7 @@ class KvChunkStore:
                 if raw is not None:
                     txn.delete(h, db=self._chunks)
                     txn.delete(h, db=self._use)
+                    txn.delete(h, db=self._shared)
                     self._add(txn, "chunks", -1)
                     self._add(txn, "bytes", -len(raw))
                     self._add(txn, "corrupt_dropped", 1)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import llama_cpp
 import numpy as np
 
-from p2pcache.backend.llama_backend import Generation, LlamaBackend
+from p2pcache.backend.llama_backend import Generation, LlamaBackend, TokenHook
 from p2pcache.keys import SamplingParams
 from p2pcache.kv.chain import KvConfig, chunk_hashes
 from p2pcache.kv.chunk_store import KvChunkStore, NewChunk
@@ -296,14 +296,17 @@ class KvPrefixCache:
         return pending
 
     # -- generation ------------------------------------------------------------------------
-    def generate(self, prompt: Sequence[int], params: SamplingParams) -> PrefixGeneration:
+    def generate(
+        self, prompt: Sequence[int], params: SamplingParams, on_token: TokenHook | None = None
+    ) -> PrefixGeneration:
+        """``on_token``: as in `LlamaBackend.generate` (each token as it is sampled)."""
         backend, llm = self.backend, self.backend.llm
         prompt = list(prompt)
         if not prompt:
             raise ValueError("empty prompt")
         backend.check_fits(len(prompt), params.max_tokens)
         if not self.enabled or self.config is None:
-            return PrefixGeneration(backend.generate(prompt, params), 0, 0.0, PendingChunks())
+            return PrefixGeneration(backend.generate(prompt, params, on_token), 0, 0.0, PendingChunks())
         c = self.policy.chunk_tokens
         t0 = time.perf_counter()
         used_at = now_ms()
@@ -360,6 +363,8 @@ class KvPrefixCache:
                 finish = "stop"
                 break
             out.append(token)
+            if on_token is not None:
+                on_token(token)
             if params.stop:
                 so_far = backend.detokenize(out)
                 cut = min((i for s in params.stop if (i := so_far.find(s)) >= 0), default=-1)

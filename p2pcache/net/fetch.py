@@ -3,7 +3,12 @@
 Request (one frame, msgpack map)::
 
     {v: 1, key: <64 hex>, model_hash: <64 hex>, level: "decoder_final" | "kv_prefix",
-     range: [first_chunk, end_chunk] | None, max_bytes: int}
+     range: [first_chunk, end_chunk] | None, max_bytes: int,
+     chunks: [32-byte chain hash, ...]}   # kv_prefix only: the hashes of chunks first..end-1
+
+A ``kv_prefix`` request names the tip of a hash chain (``key``), the chunk range it lacks and
+those chunks' hashes (the requester computes them from its own prompt; the tip commits to the
+whole chain). See `p2pcache.net.kv_tier` for its body.
 
 Response: a header frame ``{v, status, ...}``; when ``status == "ok"`` it carries
 ``key, model_hash, level, range, size, sha256, requester, server, ts, sig`` and is followed by
@@ -48,6 +53,7 @@ LEVELS = ("decoder_final", "kv_prefix")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_TIMEOUT_S = 30.0
+MAX_KV_CHUNKS = 1024  # chunk hashes per kv_prefix request (34 KB of the 64 KB control frame)
 # Body reads ask yamux for everything buffered (up to the 16 MB window we grant): a read that
 # drains the stream buffer is one copy, while partial reads leave it with a front offset that
 # makes CPython copy the whole buffer on the next append (quadratic in the buffered bytes).
@@ -85,11 +91,15 @@ class FetchRequest:
     level: str = "decoder_final"
     range: tuple[int, int] | None = None
     max_bytes: int = DEFAULT_MAX_BYTES
+    chunks: tuple[bytes, ...] = ()  # kv_prefix: hashes of the chunks in `range`
 
     def to_msg(self) -> dict[str, Any]:
-        return {"v": PROTOCOL_VERSION, "key": self.key, "model_hash": self.model_hash,
-                "level": self.level, "range": list(self.range) if self.range else None,
-                "max_bytes": self.max_bytes}
+        m = {"v": PROTOCOL_VERSION, "key": self.key, "model_hash": self.model_hash,
+             "level": self.level, "range": list(self.range) if self.range else None,
+             "max_bytes": self.max_bytes}
+        if self.chunks:
+            m["chunks"] = list(self.chunks)
+        return m
 
     @classmethod
     def from_msg(cls, m: dict[str, Any]) -> FetchRequest:
@@ -111,7 +121,11 @@ class FetchRequest:
         mb = m.get("max_bytes", DEFAULT_MAX_BYTES)
         if type(mb) is not int or mb <= 0:
             raise WireError("max_bytes must be a positive integer")
-        return cls(key, mh, level, rng, mb)
+        chunks = m.get("chunks") or []
+        if not (isinstance(chunks, list) and len(chunks) <= MAX_KV_CHUNKS
+                and all(isinstance(h, bytes) and len(h) == 32 for h in chunks)):
+            raise WireError(f"chunks must be a list of at most {MAX_KV_CHUNKS} 32-byte hashes")
+        return cls(key, mh, level, rng, mb, tuple(chunks))
 
 
 @dataclass(frozen=True)
@@ -290,7 +304,9 @@ class FetchServer:
     def _digest(self, req: FetchRequest, body: bytes) -> str:
         # Large values are served repeatedly: remember their digest (bounded LRU).
         k = (req.key, req.level, len(body))
-        if len(body) < 1 << 20:
+        # kv_prefix bodies are not remembered: the same chunk hashes may be stored again with
+        # other bytes (recomputed here after a peer's copy was evicted).
+        if len(body) < 1 << 20 or req.level == "kv_prefix":
             return hashlib.sha256(body).hexdigest()
         d = self._digests.get(k)
         if d is None:

@@ -37,6 +37,7 @@ from p2pcache.net.ads import MAX_AD_ENTRIES, AdEntry, AdValidator, GossipIndex, 
 from p2pcache.net.evidence import EvidenceRejected, decode_evidence, describe_evidence, evidence_topic
 from p2pcache.net.fetch import FetchServer, ServerLimits, StoreSource
 from p2pcache.net.host import HostConfig, dial, full_addrs, running_host
+from p2pcache.net.kv_tier import KvNetConfig, KvPeerTier, attach_kv_tier
 from p2pcache.net.reputation import Reputation, ReputationConfig
 from p2pcache.net.tier import PeerTier, TierConfig
 from p2pcache.net.verify import BackendScorer, verify_decoder_final
@@ -94,6 +95,7 @@ class NetService:
                                   is_banned=self.rep.is_banned,
                                   on_served=metrics.bytes_served.inc if metrics is not None else lambda _n: None)
         self.tier = PeerTier(self, self.config.tier)
+        self.kv_tier: KvPeerTier | None = None  # kv_prefix over the network (p2pcache.net.kv_tier)
         self.host: IHost | None = None  # type: ignore[assignment]
         self.pubsub: Pubsub | None = None
         self.router: GossipSub | None = None
@@ -142,7 +144,8 @@ class NetService:
         return {"ads": {"accepted": self.validator.stats.accepted, "rejected": dict(self.validator.stats.rejected)},
                 "evidence": dict(self.evidence_stats), "server": dict(vars(self.server.stats)),
                 "published": dict(self.publish_stats),
-                "tier": dict(self.tier.stats), "index": self.index.snapshot()}
+                "tier": dict(self.tier.stats), "index": self.index.snapshot(),
+                **({"kv": dict(self.kv_tier.stats)} if self.kv_tier is not None else {})}
 
     def _index_changed(self) -> None:
         self._index_event.set()
@@ -163,6 +166,13 @@ class NetService:
         self._pending[entry.input_sha256] = AdEntry(entry.cache_level, entry.input_sha256,
                                                     entry.size, entry.output.sha256())
         self._pending_wake.set()
+
+    def advertise_ads(self, ads: Sequence[AdEntry]) -> None:
+        """Queue ready-made ad entries (kv_prefix chunk tips, which are not store entries)."""
+        for ad in ads:
+            self._pending[f"{ad.cache_level}:{ad.key}"] = ad
+        if ads:
+            self._pending_wake.set()
 
     def _next_seq(self) -> int:
         # Microseconds since the epoch, strictly increasing: survives restarts (no replays).
@@ -193,8 +203,9 @@ class NetService:
         entries = [e for e in self.store.iter_entries(self.model_hash)
                    if not e.privacy_flag and e.cache_level == "decoder_final"]
         entries.sort(key=lambda e: e.inserted_at, reverse=True)
+        kv = self.kv_tier.inventory() if self.kv_tier is not None else []
         return [AdEntry(e.cache_level, e.input_sha256, e.size, e.output.sha256())
-                for e in entries[: self.config.readvertise_max]]
+                for e in entries[: self.config.readvertise_max]] + kv
 
     async def _readvertiser(self) -> None:
         """Re-announce the inventory every `readvertise_s`, and soon after a new peer joins our
@@ -414,4 +425,8 @@ def create_network_service(runtime: NodeRuntime) -> NetService:
                     psk=load_psk(local.data_dir.root))
     service = NetService(local.identity, local.store, local.model_hash, local.worker, cfg, runtime.metrics)
     register_tier(local.resolver, service.tier)
+    if local.kv is not None and local.resolver.kv is not None:
+        c = runtime.config
+        attach_kv_tier(service, local.kv, local.resolver, KvNetConfig(
+            enabled=c.kv_net, min_score=c.kv_peer_min_score, spot_check_rate=c.kv_spot_check_rate))
     return service

@@ -1,7 +1,9 @@
 """Verification of a fetched `decoder_final` by one teacher-forced prefill on the local model.
 
-`LlamaBackend.score(prompt, completion, top_k)` (issue 5) returns, per completion token, the
-local argmax, the logit gap to it and the log-probability. The rules:
+`LlamaBackend.check(prompt, completion, top_k, logprob_floor)` runs it and returns, per
+completion token, the local argmax, the logit gap to it and, when asked, its rank and whether its
+log-prob is under the floor (on the same logits, the same decisions as `LlamaBackend.score`'s
+full log-softmax and top-k, at a fraction of the cost: `p2pcache.backend.logit_checks`). The rules:
 
 - greedy (temperature 0, repeat_penalty 1, no grammar): every token is the local argmax or
   within `VerifyConfig.greedy_logit_tol` of it;
@@ -29,17 +31,18 @@ from p2pcache.net.peer_keys import verify_by_peer
 from p2pcache.store import Entry
 
 
-class ScoreLike(Protocol):
+class ChecksLike(Protocol):
     argmax: list[int]
     gaps: list[float]
-    logprobs: list[float]
-    top_ids: list[list[int]]
+    ranks: list[int]  # logits strictly above the token's (asked with top_k > 0)
+    below_floor: list[bool]  # log p(token) < the floor (asked with a floor)
 
 
 class Scorer(Protocol):
     """What verification needs from the local model (`LlamaBackend` implements it)."""
 
-    def score(self, prompt: Sequence[int], completion: Sequence[int], top_k: int = 0) -> ScoreLike: ...
+    def check(self, prompt: Sequence[int], completion: Sequence[int], top_k: int = 0,
+              logprob_floor: float | None = None) -> ChecksLike: ...
 
     def detokenize(self, tokens: Sequence[int]) -> str: ...
 
@@ -73,8 +76,10 @@ class BackendScorer:
     def __init__(self, backend: object) -> None:
         self.backend = backend
 
-    def score(self, prompt: Sequence[int], completion: Sequence[int], top_k: int = 0) -> ScoreLike:
-        return self.backend.score(prompt, completion, top_k=top_k)  # type: ignore[attr-defined]
+    def check(self, prompt: Sequence[int], completion: Sequence[int], top_k: int = 0,
+              logprob_floor: float | None = None) -> ChecksLike:
+        return self.backend.check(prompt, completion, top_k=top_k,  # type: ignore[attr-defined]
+                                  logprob_floor=logprob_floor)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.backend.detokenize(tokens)  # type: ignore[attr-defined]
@@ -140,7 +145,8 @@ def verify_decoder_final(scorer: Scorer, entry: Entry, key: str, model_hash: str
     strict = params.greedy and params.repeat_penalty == 1.0 and not params.grammar
     top_k = 0 if strict else params.top_k
     scored = tokens + ([scorer.eog_token] if plain_stop else [])
-    s = scorer.score(prompt, scored, top_k=top_k)
+    # Greedy needs only gaps and argmax; sampled asks for ranks and the floor test too.
+    s = scorer.check(prompt, scored, top_k=top_k, logprob_floor=None if strict else config.logprob_floor)
     n = len(tokens)
     tol = config.greedy_logit_tol
     for j in range(n):
@@ -148,12 +154,12 @@ def verify_decoder_final(scorer: Scorer, entry: Entry, key: str, model_hash: str
             if s.argmax[j] != tokens[j] and s.gaps[j] > tol:
                 return _fail(f"token {j} is not the local argmax (gap {s.gaps[j]:.3f})", j, t0)
         else:
-            if top_k > 0 and s.top_ids and tokens[j] not in s.top_ids[j]:
-                return _fail(f"token {j} is outside the local top-{top_k}", j, t0)
+            if top_k > 0 and s.ranks[j] >= top_k:
+                return _fail(f"token {j} is outside the local top-{top_k} (rank {s.ranks[j] + 1})", j, t0)
             if params.min_p > 0 and s.gaps[j] > -math.log(params.min_p) + tol:
                 return _fail(f"token {j} is below min_p (gap {s.gaps[j]:.3f})", j, t0)
-            if s.logprobs[j] < config.logprob_floor:
-                return _fail(f"token {j} log-prob {s.logprobs[j]:.1f} under the floor", j, t0)
+            if s.below_floor[j]:
+                return _fail(f"token {j} log-prob under the floor {config.logprob_floor:g}", j, t0)
     if plain_stop:
         # The model must end here: its best next token is end-of-generation (any EOG id).
         if not scorer.is_eog(s.argmax[n]) and s.gaps[n] > (tol if strict else -math.log(max(params.min_p, 1e-9))):

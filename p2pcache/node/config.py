@@ -70,6 +70,13 @@ class NodeConfig(BaseModel):
     n_gpu_layers: int | None = Field(None, ge=-1, description="Layers on the GPU (-1 all, 0 none; default: all if any GPU).")
     kv_prefix: bool = Field(True, description="Resume local inference from stored KV prefixes.")
     kv_type: Literal["f16", "q8_0", "q4_0"] = Field("f16", description="KV cache element type.")
+    kv_net: bool = Field(True, description="Share KV prefix chunks with peers and fetch the ones a prompt lacks.")
+    kv_peer_min_score: float = Field(
+        0.4, ge=0.0, le=1.0, description="Fetch KV chunks only from peers whose reputation score is above this."
+    )
+    kv_spot_check_rate: float = Field(
+        0.1, ge=0.0, le=1.0, description="Fraction of KV fetches recomputed locally to check the peer."
+    )
     semantic: bool = Field(False, description="Enable L1 (requests opt in with \"semantic\": true).")
     semantic_tau: float | None = Field(
         None, ge=0.0, le=1.0, description="L1 cosine similarity a candidate needs (default 0.85)."
@@ -146,7 +153,7 @@ class NodeConfig(BaseModel):
 
 FIELDS = tuple(NodeConfig.model_fields)
 _LIST_FIELDS = {"listen", "bootstrap", "bootstrap_http"}
-_BOOL_FIELDS = {"share_by_default", "kv_prefix", "semantic"}
+_BOOL_FIELDS = {"share_by_default", "kv_prefix", "kv_net", "semantic"}
 
 
 def env_name(key: str) -> str:

@@ -11,12 +11,12 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import lmdb
 import trio
 
-from p2pcache.backend import BackendWorker
+from p2pcache.backend import BackendWorker, TokenHook
 from p2pcache.identity import Identity
 from p2pcache.keys import input_sha256
 from p2pcache.resolver.types import Answer, Level, Request, Timings
@@ -103,6 +103,9 @@ class Resolver:
         self.computations = 0  # L3 runs, for tests and metrics
         # L3 resumes from stored KV prefixes when set (LocalNode sets it; p2pcache.kv).
         self.kv: KvPrefixCache | None = None
+        # Before such an L3 run, fetch the prompt's missing prefix chunks from peers when set
+        # (p2pcache.net.kv_tier.KvPeerTier: prefetch / after_generate).
+        self.kv_remote: Any = None
 
     def keyed(self, request: Request) -> Keyed:
         backend = self.worker.backend
@@ -114,9 +117,15 @@ class Resolver:
         backend.check_fits(len(tokens), request.params.max_tokens)
         return Keyed(request, tokens, input_sha256(self.model_hash, tokens, request.params), self.model_hash)
 
-    async def resolve(self, request: Request) -> Answer:
+    async def resolve(
+        self, request: Request, on_token: TokenHook | None = None, keyed: Keyed | None = None
+    ) -> Answer:
+        """``on_token`` (live streaming) goes to the model only when this request computes
+        (L3, leading its flight): called on the worker thread with each token as it is
+        sampled; never for L0-L2 answers or a single-flight join. ``keyed``: the request
+        already tokenized (`keyed`), so a caller that needs the key first tokenizes once."""
         t0 = time.perf_counter()
-        keyed = self.keyed(request)
+        keyed = keyed if keyed is not None else self.keyed(request)
         for tier in self.tiers:
             answer = await tier.lookup(keyed)
             if answer is not None:
@@ -124,12 +133,12 @@ class Resolver:
                 return answer
         self.store.record_miss()
         lookup_ms = (time.perf_counter() - t0) * 1000
-        answer = await self._compute_once(keyed)
+        answer = await self._compute_once(keyed, on_token)
         answer.timings.lookup_ms = lookup_ms
         answer.timings.total_ms = (time.perf_counter() - t0) * 1000
         return answer
 
-    async def _compute_once(self, keyed: Keyed) -> Answer:
+    async def _compute_once(self, keyed: Keyed, on_token: TokenHook | None = None) -> Answer:
         flight = self._flights.get(keyed.key)
         if flight is not None:  # identical request already running: wait for its answer
             await flight.done.wait()
@@ -139,7 +148,7 @@ class Resolver:
             return answer
         flight = self._flights[keyed.key] = _Flight()
         try:
-            flight.answer = await self._compute(keyed)
+            flight.answer = await self._compute(keyed, on_token)
             return flight.answer
         except BaseException as exc:
             flight.error = exc
@@ -148,21 +157,25 @@ class Resolver:
             del self._flights[keyed.key]
             flight.done.set()
 
-    async def _compute(self, keyed: Keyed) -> Answer:
+    async def _compute(self, keyed: Keyed, on_token: TokenHook | None = None) -> Answer:
         """L3: run the model, then store the result (a failed write never loses the answer)."""
         params = keyed.request.params
         self.computations += 1
         cached_tokens = 0
-        kv = self.kv
+        details: dict[str, Any] = {}
+        kv, remote = self.kv, self.kv_remote
         if kv is not None:  # resume from the longest stored prefix, store the new chunks
-            pg = await self.worker.run(lambda: kv.generate(keyed.tokens, params))
+            fetched = await remote.prefetch(keyed) if remote is not None else None
+            pg = await self.worker.run(lambda: kv.generate(keyed.tokens, params, on_token))
             gen, cached_tokens = pg.generation, pg.cached_tokens
             try:  # off the model thread: the next request can run meanwhile
                 await trio.to_thread.run_sync(kv.store, pg.pending)
             except lmdb.Error as exc:
                 log.warning("KV chunks for %s not stored: %s", keyed.key[:12], exc)
+            if remote is not None:
+                details = await remote.after_generate(keyed, pg, fetched)
         else:
-            gen = await self.worker.generate(keyed.tokens, params)
+            gen = await self.worker.generate(keyed.tokens, params, on_token)
         entry = Entry(
             input_sha256=keyed.key,
             model_hash=keyed.model_hash,
@@ -199,8 +212,10 @@ class Resolver:
                 decode_ms=gen.decode_ms,
                 prompt_tokens=gen.prompt_tokens,
                 cached_prompt_tokens=cached_tokens,
+                peer_prompt_tokens=int(details.get("kv_peer", {}).get("tokens", 0)),
                 completion_tokens=len(gen.tokens),
             ),
+            details=details,
         )
 
 

@@ -35,6 +35,7 @@ class Timings:
     decode_ms: float = 0.0
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens restored from a stored KV prefix
+    peer_prompt_tokens: int = 0  # ... of which came from KV chunks fetched from a peer for this request
     completion_tokens: int = 0
 
 
