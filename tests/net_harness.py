@@ -8,8 +8,15 @@ import queue
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import httpx
+
+from p2pcache.node.cluster import NodeProcess, start_node, stop_all
 
 PEER = Path(__file__).with_name("net_peer.py")
 ROOT = PEER.parent.parent
@@ -133,3 +140,51 @@ class Peers:
                 p.close()
             except Exception:
                 p.kill()
+
+
+# -- a line of real node daemons -------------------------------------------------------------
+
+MESH_TIMEOUT_S = 30.0
+
+
+def until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll another process's state over HTTP until ``cond()`` is truthy (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)  # polling interval of a cross-process condition, not a synchronisation sleep
+
+
+def mesh_peers(http: httpx.Client, node: NodeProcess) -> int:
+    """Peers in ``node``'s GossipSub mesh for the ad topic (adverts go to mesh peers)."""
+    peers = http.get(f"{node.url}/admin/peers").json()["peers"]
+    return sum(1 for p in peers if p.get("subscribed") and p.get("mesh"))
+
+
+@contextmanager
+def running_line(tmp: Path, extra: Sequence[str], env: dict[str, str]) -> Iterator[tuple[NodeProcess, ...]]:
+    """Three `p2pcache node run` daemons in a line A - B - C (B bootstraps from A, C from B; C
+    never dials A), yielded once the ad topic's mesh has formed along the line. Stopped with
+    SIGTERM at the end; each must exit cleanly (code 0), else its log tail is printed."""
+    nodes: list[NodeProcess] = []
+    try:
+        a = start_node("A", tmp / "a", extra=extra, env=env)
+        nodes.append(a)
+        b = start_node("B", tmp / "b", extra=[*extra, "--bootstrap", a.ready["addrs"][0]], env=env)
+        nodes.append(b)
+        c = start_node("C", tmp / "c", extra=[*extra, "--bootstrap", b.ready["addrs"][0]], env=env)
+        nodes.append(c)
+        with httpx.Client(timeout=30) as http:
+            for node, n in ((a, 1), (b, 2), (c, 1)):  # the ad topic is joined along the line
+                until(lambda: mesh_peers(http, node) >= n, MESH_TIMEOUT_S, f"{node.name} has {n} mesh peers")
+        yield a, b, c
+    finally:
+        codes = stop_all(nodes)
+        for n in nodes:
+            if codes.get(n.name) != 0:
+                print(f"--- {n.name} log tail ---\n{n.log_tail(60)}")
+        assert all(v == 0 for v in codes.values()), codes

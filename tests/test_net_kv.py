@@ -23,9 +23,9 @@ from p2pcache.kv.chunk_store import KvChunkStore, NewChunk
 from p2pcache.net.fetch import BadResponse, FetchRequest
 from p2pcache.net.kv_tier import KvSource, decode_body
 from p2pcache.net.wire import WireError
-from p2pcache.node.cluster import NodeProcess, start_node, stop_all, wait_ready
+from p2pcache.node.cluster import NodeProcess, stop_all, wait_ready
 from p2pcache.store import Store
-from tests.test_net_nodes import MESH_TIMEOUT_S, until
+from tests.net_harness import MESH_TIMEOUT_S, mesh_peers, running_line, until
 
 MAX_TOKENS = 8
 C_TOKENS = 16  # chunk size
@@ -70,35 +70,13 @@ class Net:
         return r.json()["peers"][0]
 
 
-def in_mesh(net: Net, node: NodeProcess) -> int:
-    r = net.http.get(f"{node.url}/admin/peers")
-    return sum(1 for p in r.json()["peers"] if p.get("subscribed") and p.get("mesh"))
-
-
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     tmp = tmp_path_factory.mktemp("kvnet")
-    nodes: list[NodeProcess] = []
-    extra = ["--n-ctx", "2048", "--log-level", "info"]
     env = {"P2PCACHE_KV_PREFIX": "true", "P2PCACHE_KV_NET": "true", "P2PCACHE_KV_SPOT_CHECK_RATE": "1.0"}
-    try:
-        a = start_node("A", tmp / "a", extra=extra, env=env)
-        nodes.append(a)
-        b = start_node("B", tmp / "b", extra=[*extra, "--bootstrap", a.ready["addrs"][0]], env=env)
-        nodes.append(b)
-        c = start_node("C", tmp / "c", extra=[*extra, "--bootstrap", b.ready["addrs"][0]], env=env)
-        nodes.append(c)
+    with running_line(tmp, ["--n-ctx", "2048", "--log-level", "info"], env) as (a, b, c):
         with httpx.Client(timeout=180) as http:
-            n = Net(a, b, c, http, a.ready["model"], tmp)
-            for node, k in ((a, 1), (b, 2), (c, 1)):
-                until(lambda: in_mesh(n, node) >= k, MESH_TIMEOUT_S, f"{node.name} has {k} mesh peers")
-            yield n
-    finally:
-        codes = stop_all(nodes)
-        for node in nodes:
-            if codes.get(node.name) != 0:
-                print(f"--- {node.name} log tail ---\n{node.log_tail(60)}")
-        assert all(v == 0 for v in codes.values()), codes
+            yield Net(a, b, c, http, a.ready["model"], tmp)
 
 
 def cold(backend: LlamaBackend, prompt: str) -> str:
@@ -166,7 +144,7 @@ def test_corrupted_chunks_caught_by_spot_check_answer_still_correct(net: Net, ba
     evil = NodeProcess("E", proc, evil_dir, evil_dir / "node.log")
     try:
         wait_ready(evil)
-        until(lambda: in_mesh(net, evil) >= 1, MESH_TIMEOUT_S, "E has a mesh peer")
+        until(lambda: mesh_peers(net.http, evil) >= 1, MESH_TIMEOUT_S, "E has a mesh peer")
         on_e = net.complete(evil, system_text("museum") + "Who reviews request 1?")
         n_chunks = on_e["x_cache"]["timings"]["prompt_tokens"] // C_TOKENS
         until(lambda: net.keys_seen(net.c, evil.peer_id) >= 1 + n_chunks, AD_TIMEOUT_S, "E's kv adverts on C")

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,11 @@ import pytest
 
 from p2pcache.identity import Identity
 from p2pcache.node.cluster import NodeProcess, start_node, stop_all
-from tests.net_harness import Peers
+from tests.net_harness import MESH_TIMEOUT_S, Peers, mesh_peers, running_line, until
 
 pytestmark = pytest.mark.model
 
 MAX_TOKENS = 8
-MESH_TIMEOUT_S = 30.0
 AD_TIMEOUT_S = 40.0  # an advert reaches C through B (or at the latest with a re-advertisement)
 
 
@@ -64,18 +62,6 @@ class Line:
         return rows[0]
 
 
-def until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll another process's state over HTTP until ``cond()`` is truthy (bounded)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)  # polling interval of a cross-process condition, not a synchronisation sleep
-
-
 def metric(line: Line, node: NodeProcess, name: str) -> float:
     """One unlabelled sample from the node's /metrics."""
     text = line.http.get(f"{node.url}/metrics").text
@@ -84,37 +70,15 @@ def metric(line: Line, node: NodeProcess, name: str) -> float:
     return values[0]
 
 
-def in_mesh(line: Line, node: NodeProcess) -> int:
-    """Peers in ``node``'s GossipSub mesh for the ad topic (adverts go to mesh peers)."""
-    return sum(1 for p in line.admin(node, "/admin/peers")["peers"] if p.get("subscribed") and p.get("mesh"))
-
-
 @pytest.fixture(scope="module")
 def line(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Line]:
     tmp = tmp_path_factory.mktemp("line")
-    nodes: list[NodeProcess] = []
-    extra = ["--n-ctx", "2048", "--log-level", "info"]
     # L2 here moves decoder_final entries only; KV-prefix resumption (issue 3) is tested on its
     # own and its first-use setup would dominate these tests' runtime on 2 cores.
     env = {"P2PCACHE_KV_PREFIX": "false"}
-    try:
-        a = start_node("A", tmp / "a", extra=extra, env=env)
-        nodes.append(a)
-        b = start_node("B", tmp / "b", extra=[*extra, "--bootstrap", a.ready["addrs"][0]], env=env)
-        nodes.append(b)
-        c = start_node("C", tmp / "c", extra=[*extra, "--bootstrap", b.ready["addrs"][0]], env=env)
-        nodes.append(c)
+    with running_line(tmp, ["--n-ctx", "2048", "--log-level", "info"], env) as (a, b, c):
         with httpx.Client(timeout=120) as http:
-            ln = Line(a, b, c, http, a.ready["model"], tmp)
-            for node, n in ((a, 1), (b, 2), (c, 1)):  # the ad topic is joined along the line
-                until(lambda: in_mesh(ln, node) >= n, MESH_TIMEOUT_S, f"{node.name} has {n} mesh peers")
-            yield ln
-    finally:
-        codes = stop_all(nodes)
-        for n in nodes:
-            if codes.get(n.name) != 0:
-                print(f"--- {n.name} log tail ---\n{n.log_tail(60)}")
-        assert all(v == 0 for v in codes.values()), codes
+            yield Line(a, b, c, http, a.ready["model"], tmp)
 
 
 def test_status_addrs_and_line_topology(line: Line) -> None:
@@ -381,7 +345,7 @@ def test_new_node_learns_existing_entries_from_its_neighbour(line: Line) -> None
     env = {"P2PCACHE_KV_PREFIX": "false"}
     d = start_node("D", line.tmp / "d", extra=["--n-ctx", "2048", "--bootstrap", line.c.ready["addrs"][0]], env=env)
     try:
-        until(lambda: in_mesh(line, d) >= 1, MESH_TIMEOUT_S, "D joins C's mesh")
+        until(lambda: mesh_peers(line.http, d) >= 1, MESH_TIMEOUT_S, "D joins C's mesh")
         # C re-announces its inventory when a peer joins its mesh, well before the periodic
         # re-advertisement (30 s): D learns the old entry within seconds.
         until(lambda: line.admin(line.c, "/admin/peers")["stats"]["published"]["rounds_for_new_mesh_peers"] > rounds,

@@ -9,7 +9,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from tests.net_harness import Peer, Peers
+from tests.net_harness import Peers
 
 K1, K2, K3 = "11" * 32, "22" * 32, "33" * 32
 
