@@ -18,9 +18,11 @@ LEVEL_STYLE = {"L0": "green", "L1": "cyan", "L2": "magenta", "L3": "yellow"}
 LEVEL_NOTE = {"L0": "local cache", "L1": "similar prompt", "L2": "from a peer", "L3": "computed"}
 
 
-def _ask(client: Any, url: str, model: str, prompt: str, max_tokens: int, chat: bool = True,
-         stream: bool = False) -> dict[str, Any]:
+def _ask(client: Any, url: str, model: str, prompt: str, max_tokens: int, chat: bool = False,
+         stream: bool = False, stop: list[str] | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "share": True, "stream": stream}
+    if stop:
+        body["stop"] = stop
     if chat:
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
@@ -98,9 +100,12 @@ def demo(
         n1, n2, n3 = procs[0], procs[1], procs[2 % len(procs)]
 
         rows: list[tuple[str, str, str, dict[str, Any]]] = []
-        q1 = "Explain what a KV cache is in one sentence."
-        q2 = "Name three primary colors."
+        # The embedded Gemma 3 270M is a base model (no instruction tuning, no chat template of
+        # its own): asked completion-style it answers sensibly, in a chat it mostly rambles.
+        q1 = "Q: What does a cache do in a computer?\nA:"
+        q2 = "Q: What are the three primary colors?\nA: The three primary colors are"
         q3 = "The capital of France is"
+        line = ["\n"]  # Q1 and Q2 answer in one line
         per_request_timeout = httpx.Timeout(max(5.0, min(300.0, deadline - time.monotonic())))
         with httpx.Client(timeout=per_request_timeout) as client:
             def step(node: Any, what: str, prompt: str, **kw: Any) -> None:
@@ -109,8 +114,8 @@ def demo(
                 with err_console.status(f"{node.name}: {what} …"):
                     rows.append((node.name, what, prompt, _ask(client, node.url, model, prompt, max_tokens, **kw)))
 
-            step(n1, "Q1", q1)
-            step(n1, "Q1 again", q1)
+            step(n1, "Q1", q1, stop=line)
+            step(n1, "Q1 again", q1, stop=line)
             if networked:  # wait (bounded) until node-1's advert for Q1 has reached node-2
                 key = rows[0][3]["x"]["input_sha256"]
                 with err_console.status(f"{n2.name}: waiting for {n1.name}'s advertisement of Q1 …"):
@@ -120,19 +125,20 @@ def demo(
                     heard = r.status_code == 200 and n1.peer_id in r.json().get("providers", [])
                 if not heard:
                     err_console.print(f"[yellow]{n2.name} has not heard of Q1 from {n1.name} yet; it may compute it.[/]")
-            step(n2, "Q1 (other node)", q1)
-            step(n2, "Q3 completion", q3, chat=False)
-            step(n2, "Q3 again", q3, chat=False)
+            step(n2, "Q1 (other node)", q1, stop=line)
+            step(n2, "Q3", q3)
+            step(n2, "Q3 again", q3)
             k = 8
             with err_console.status(f"{n3.name}: {k} identical requests at once …"):
                 with ThreadPoolExecutor(k) as pool:
-                    futures = [pool.submit(_ask, client, n3.url, model, q2, max_tokens) for _ in range(k)]
+                    futures = [pool.submit(_ask, client, n3.url, model, q2, max_tokens, stop=line) for _ in range(k)]
                     results = [f.result(timeout=max(1.0, deadline - time.monotonic())) for f in futures]
             for i, r in enumerate(results):
                 rows.append((n3.name, f"Q2 at once {i + 1}/{k}", q2, r))
-            step(n3, "Q2 streamed", q2, stream=True)
+            step(n3, "Q2 streamed", q2, stream=True, stop=line)
 
-        out_console.print(f"Q1 (chat): {q1}\nQ2 (chat): {q2}\nQ3 (completion): {q3}")
+        for name, q in (("Q1", q1), ("Q2", q2), ("Q3", q3)):
+            out_console.print(f"{name}: {' / '.join(q.splitlines())}")
         table = Table(title="Where each answer came from")
         for col, just in (("#", "right"), ("node", "left"), ("request", "left"), ("level", "left"),
                           ("ms", "right"), ("tokens", "right"), ("answer", "left")):
