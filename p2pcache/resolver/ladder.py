@@ -23,7 +23,7 @@ from p2pcache.resolver.types import Answer, Level, Request, Timings
 from p2pcache.store import Entry, Output, Store, StoreError
 
 if TYPE_CHECKING:
-    from p2pcache.kv import KvPrefixCache
+    from p2pcache.kv import KvPrefixCache, PrefixGeneration
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,16 @@ class Keyed:
     tokens: list[int]
     key: str
     model_hash: str
+
+
+class KvRemote(Protocol):
+    """KV prefix chunks from peers around an L3 run (`p2pcache.net.kv_tier.KvPeerTier`)."""
+
+    async def prefetch(self, keyed: Keyed) -> Any:
+        """Fetch the prompt's missing prefix chunks (stored locally); never raises."""
+
+    async def after_generate(self, keyed: Keyed, pg: PrefixGeneration, fetched: Any) -> dict[str, Any]:
+        """After the run: advertise what it stored; returns the answer's details."""
 
 
 class Tier(Protocol):
@@ -103,9 +113,8 @@ class Resolver:
         self.computations = 0  # L3 runs, for tests and metrics
         # L3 resumes from stored KV prefixes when set (LocalNode sets it; p2pcache.kv).
         self.kv: KvPrefixCache | None = None
-        # Before such an L3 run, fetch the prompt's missing prefix chunks from peers when set
-        # (p2pcache.net.kv_tier.KvPeerTier: prefetch / after_generate).
-        self.kv_remote: Any = None
+        # Before such an L3 run, fetch the prompt's missing prefix chunks from peers when set.
+        self.kv_remote: KvRemote | None = None
 
     def keyed(self, request: Request) -> Keyed:
         backend = self.worker.backend
