@@ -39,15 +39,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
-PROMPTS = [
-    "Write a long, detailed essay about the history of the printing press in Europe.",
-    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
-    "Explain in great detail how a steam engine works, step by step.",
-    "Write a long travel guide to the mountains of northern Italy.",
-    "Describe in detail the life cycle of a star, from nebula to remnant.",
-    "Write a long letter from a sailor to his family about a voyage across the ocean.",
-    "Explain at length how bread is made, from wheat field to bakery.",
-]
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_l0 import PROMPTS  # noqa: E402  (the same long-answer prompts as the L0 bench)
 
 
 def med(xs: list[float]) -> float:

@@ -202,11 +202,12 @@ async def handle(cmd: dict[str, Any], svc: NetService, store: Store, local: Any,
             if saved is not None:
                 svc.pubsub.topic_validators[topic] = saved
         return {}
-    if c == "wait_provider":  # bounded wait until the index lists a provider of a key
-        with trio.fail_after(cmd.get("timeout_s", 20)):
-            while not svc.index.providers(cmd["key"]):
-                await trio.sleep(0.05)
-        return {"providers": [p.peer_id for p in svc.index.providers(cmd["key"])]}
+    if c == "wait_provider":  # bounded wait (on the index-changed event) for a provider of a key
+        timeout_s = cmd.get("timeout_s", 20)
+        providers = await svc.wait_providers(cmd["key"], wait_s=timeout_s)
+        if not providers:
+            raise trio.TooSlowError(f"no provider of {cmd['key'][:12]} within {timeout_s} s")
+        return {"providers": providers}
     if c == "wait_peers":
         with trio.fail_after(cmd.get("timeout_s", 20)):
             while len(svc.host.get_connected_peers()) < cmd["n"]:

@@ -111,7 +111,7 @@ def test_line_topology_gossip_and_hostile_messages() -> None:
         a.call("put_entry", key=K1)
         assert c.call("wait_provider", key=K1)["providers"] == [a.peer_id]  # relayed by B
         # A's re-advertisement cycles have run (readvertise 1 s): the private key never appeared.
-        time.sleep(0)  # no sleeping as synchronisation: wait for a later shared key instead
+        # No sleeping as synchronisation: wait for a later shared key instead.
         a.call("put_entry", key=K3)
         c.call("wait_provider", key=K3)
         assert c.call("index", key=K2)["providers"] == []

@@ -109,8 +109,10 @@ def peers(url: UrlOpt = None, data_dir: DataDirOpt = None, admin_token: TokenOpt
 def reputation(
     peer_id: Annotated[Optional[str], typer.Argument(help="Show one peer, with its evidence.")] = None,
     url: UrlOpt = None, data_dir: DataDirOpt = None, admin_token: TokenOpt = None, json: JsonOpt = False,
+    peer: Annotated[Optional[str], typer.Option("--peer", help="The same as PEER_ID.")] = None,
 ) -> None:
     """Reputation of every peer (score, counts, last seen, ban state, evidence)."""
+    peer_id = peer_id or peer
     path = "/admin/reputation" + (f"?peer_id={quote(peer_id)}" if peer_id else "")
     doc = _online(url, data_dir, path, admin_token)
     if doc is None:

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
+from p2pcache.cli import net
 from p2pcache.cli.common import JsonOpt, fail, out_console, print_json
 from p2pcache.node.client import NodeUnreachable, admin_get, find_node_url
 from p2pcache.node.config import CONFIG_ENV, ConfigError, NodeConfig, env_name, load_config
@@ -113,49 +114,9 @@ def status(url: UrlOpt = None, data_dir: DataDirLookupOpt = None, admin_token: T
     out_console.print(table)
 
 
-@app.command()
-def peers(url: UrlOpt = None, data_dir: DataDirLookupOpt = None, admin_token: TokenOpt = None, json: JsonOpt = False) -> None:
-    """Peers of a running node (/admin/peers)."""
-    doc = _get(url, data_dir, "/admin/peers", admin_token)
-    if json:
-        print_json(doc)
-        return
-    rows = doc.get("peers", [])
-    if not rows:
-        out_console.print(f"node {doc.get('peer_id')} has no peers")
-        return
-    table = Table(title=f"peers of {doc.get('peer_id')}")
-    cols = sorted({k for r in rows for k in r})
-    for c in cols:
-        table.add_column(c)
-    for r in rows:
-        table.add_row(*(str(r.get(c, "")) for c in cols))
-    out_console.print(table)
-
-
-@app.command()
-def reputation(
-    url: UrlOpt = None, data_dir: DataDirLookupOpt = None, admin_token: TokenOpt = None, json: JsonOpt = False,
-    peer: Annotated[Optional[str], typer.Option("--peer", help="Only this peer id, with its evidence spelled out.")] = None,
-) -> None:
-    """Reputation of every peer a running node knows: score, history, ban state (/admin/reputation)."""
-    from urllib.parse import quote
-
-    doc = _get(url, data_dir, "/admin/reputation" + (f"?peer_id={quote(peer)}" if peer else ""), admin_token)
-    if json:
-        print_json(doc)
-        return
-    rows = doc.get("peers", [])
-    if not rows:
-        out_console.print(f"node {doc.get('peer_id')} has no reputation records")
-        return
-    table = Table(title=f"reputation at {doc.get('peer_id')}")
-    cols = sorted({k for r in rows for k in r})
-    for c in cols:
-        table.add_column(c)
-    for r in rows:
-        table.add_row(*(str(r.get(c, "")) for c in cols))
-    out_console.print(table)
+# `node peers` / `node reputation` are the top-level `peers` / `reputation` commands.
+app.command(name="peers")(net.peers)
+app.command(name="reputation")(net.reputation)
 
 
 def print_node_cache_stats(url: str, token: str | None, as_json: bool) -> None:
