@@ -103,6 +103,10 @@ def test_answer_computed_on_a_served_on_c_from_l2_then_l0(line: Line) -> None:
 
     assert line.providers(line.c, key, wait_s=AD_TIMEOUT_S) == [line.a.peer_id]  # relayed by B
     assert line.providers(line.c, later["x_cache"]["input_sha256"], wait_s=AD_TIMEOUT_S) == [line.a.peer_id]
+    # C dials the producer it learnt of from the adverts before any request needs it.
+    until(lambda: line.a.peer_id in {p["peer_id"] for p in line.admin(line.c, "/admin/peers")["peers"]},
+          AD_TIMEOUT_S, "C warming a connection to A")
+    assert line.admin(line.c, "/admin/peers")["stats"]["warm"]["dialled"] >= 1
     on_c = line.complete(line.c, prompt)
     x = on_c["x_cache"]
     assert x["level"] == "L2" and x["input_sha256"] == key

@@ -273,3 +273,71 @@ def test_reputation_cli_reads_a_stopped_nodes_store(tmp_path: Path) -> None:
     assert r.exit_code == 1  # no record of that peer: a clear error
     r = runner.invoke(app, ["reputation", "--data-dir", str(tmp_path / "nothing")])
     assert r.exit_code == 2 and "no store" in r.output
+
+
+def _warm(connected: set[str], scores: dict[str, float], banned: set[str] = frozenset(),
+          max_peers: int = 3, retry_s: float = 300.0, dial=None) -> "WarmConnections":
+    from p2pcache.net.warm import WarmConfig, WarmConnections
+
+    async def no_dial(_p: str, _a: object, _t: float) -> None:
+        raise AssertionError("not expected to dial")
+
+    return WarmConnections(WarmConfig(max_peers=max_peers, retry_s=retry_s, concurrency=2), "me",
+                           connected=lambda: set(connected), dial=dial or no_dial,
+                           score=lambda p: scores.get(p, 0.5), is_banned=lambda p: p in banned)
+
+
+def test_warm_candidates_are_bounded_ranked_and_exclude_the_wrong_peers() -> None:
+    addrs = ("/ip4/127.0.0.1/tcp/1",)
+    producers = {p: addrs for p in ("me", "a", "b", "c", "d", "banned", "conn")}
+    producers["noaddr"] = ()
+    w = _warm({"conn"}, {"a": 0.9, "b": 0.2, "c": 0.7, "d": 0.5, "banned": 1.0}, banned={"banned"})
+    # 3 warm at most, one producer ("conn") already connected: two dials, best scores first.
+    assert w.candidates(producers, now=1000.0) == ["a", "c"]
+    # Off entirely with max_peers 0.
+    assert _warm(set(), {}, max_peers=0).candidates(producers, now=1000.0) == []
+    # One attempt per producer per retry_s.
+    w._tried.update({"a": 900.0, "c": 500.0})
+    assert w.candidates(producers, now=1000.0) == ["c", "d"]
+
+
+def test_warm_run_dials_new_producers_once_and_reports_failures() -> None:
+    import trio
+    import trio.testing
+
+    dialled: list[str] = []
+    connected: set[str] = set()
+    done = trio.Event()
+
+    async def dial(peer: str, addrs: object, _t: float) -> None:
+        dialled.append(peer)
+        if peer == "down":
+            raise OSError("refused")
+        connected.add(peer)
+
+    w = _warm(connected, {"up": 0.9, "down": 0.1}, dial=dial)
+    state = {"event": trio.Event(), "producers": {}}
+
+    def change(producers: dict) -> None:
+        state["producers"] = producers
+        ev, state["event"] = state["event"], trio.Event()
+        ev.set()
+
+    async def main() -> None:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(w.run, lambda: state["event"], lambda: state["producers"])
+                await trio.testing.wait_all_tasks_blocked()
+                addrs = ("/ip4/127.0.0.1/tcp/1",)
+                change({"up": addrs, "down": addrs})
+                await trio.testing.wait_all_tasks_blocked()
+                await w.wait_inflight("up", 5)
+                change({"up": addrs, "down": addrs})  # a later advert: nobody is dialled again
+                await trio.testing.wait_all_tasks_blocked()
+                done.set()
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert done.is_set()
+    assert sorted(dialled) == ["down", "up"]
+    assert w.stats == {"dialled": 1, "failed": 1} and not w._inflight

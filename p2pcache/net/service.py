@@ -41,6 +41,7 @@ from p2pcache.net.kv_tier import KvNetConfig, KvPeerTier, attach_kv_tier
 from p2pcache.net.reputation import Reputation, ReputationConfig
 from p2pcache.net.tier import PeerTier, TierConfig
 from p2pcache.net.verify import BackendScorer, verify_decoder_final
+from p2pcache.net.warm import WarmConfig, WarmConnections
 from p2pcache.store import Entry, Store
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ class NetConfig:
     server: ServerLimits = field(default_factory=ServerLimits)
     tier: TierConfig = field(default_factory=TierConfig)
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
+    warm: WarmConfig = field(default_factory=WarmConfig)  # producers dialled ahead of need
     max_ad_age_s: float = 600.0
 
 
@@ -95,6 +97,8 @@ class NetService:
                                   is_banned=self.rep.is_banned,
                                   on_served=metrics.bytes_served.inc if metrics is not None else lambda _n: None)
         self.tier = PeerTier(self, self.config.tier)
+        self.warm = WarmConnections(self.config.warm, identity.peer_id, connected=self._connected_ids,
+                                    dial=self._dial_addrs, score=self.rep.score, is_banned=self.rep.is_banned)
         self.kv_tier: KvPeerTier | None = None  # kv_prefix over the network (p2pcache.net.kv_tier)
         self.host: IHost | None = None  # type: ignore[assignment]
         self.pubsub: Pubsub | None = None
@@ -144,7 +148,7 @@ class NetService:
         return {"ads": {"accepted": self.validator.stats.accepted, "rejected": dict(self.validator.stats.rejected)},
                 "evidence": dict(self.evidence_stats), "server": dict(vars(self.server.stats)),
                 "published": dict(self.publish_stats),
-                "tier": dict(self.tier.stats), "index": self.index.snapshot(),
+                "tier": dict(self.tier.stats), "warm": dict(self.warm.stats), "index": self.index.snapshot(),
                 **({"kv": dict(self.kv_tier.stats)} if self.kv_tier is not None else {})}
 
     def _index_changed(self) -> None:
@@ -302,20 +306,28 @@ class NetService:
             log.info("could not disconnect %s: %r", peer_id[:16], exc)
 
     # -- connections ------------------------------------------------------------------------
+    def _connected_ids(self) -> set[str]:
+        return {p.to_base58() for p in self.host.get_connected_peers()} if self.host is not None else set()
+
     async def ensure_connected(self, peer_id: str, addrs: Sequence[str], timeout_s: float) -> None:
         assert self.host is not None
         pid = ID.from_base58(peer_id)
-        if pid in self.host.get_connected_peers():
-            return
-        last: Exception | None = None
+        if pid not in self.host.get_connected_peers():
+            await self.warm.wait_inflight(peer_id, timeout_s)  # a warm-up dial may be half done
+        if pid in self.host.get_connected_peers() or not addrs:
+            return  # without addrs: maybe reachable through the peerstore (new_stream dials)
+        await self._dial_addrs(peer_id, addrs, timeout_s)
+
+    async def _dial_addrs(self, peer_id: str, addrs: Sequence[str], timeout_s: float) -> None:
+        """Connect to ``peer_id`` at the first of ``addrs`` that answers, else FetchError."""
+        assert self.host is not None
+        last: BaseException | None = None
         for a in addrs:
             try:
                 await dial(self.host, a if "/p2p/" in a else f"{a}/p2p/{peer_id}", timeout_s)
                 return
             except (Exception, trio.TooSlowError) as exc:  # try the next address
                 last = exc
-        if not addrs:
-            return  # maybe reachable through the peerstore (new_stream dials)
         from p2pcache.net.fetch import FetchError
         raise FetchError(f"cannot reach {peer_id[:16]}: {last!r}")
 
@@ -379,6 +391,7 @@ class NetService:
                         nursery.start_soon(self._readvertiser)
                         nursery.start_soon(self._evidence_checker)
                         nursery.start_soon(self._bootstrapper)
+                        nursery.start_soon(self.warm.run, lambda: self._index_event, lambda: self.index.addrs)
                         self.running = True
                         log.info("p2p node %s listening on %s", self.identity.peer_id, self.addrs())
                         task_status.started()
@@ -422,7 +435,7 @@ def create_network_service(runtime: NodeRuntime) -> NetService:
     """The daemon's factory (see `p2pcache.node.runtime.load_network_factory`)."""
     local = runtime.local
     cfg = NetConfig(listen=tuple(runtime.config.listen), bootstrap=tuple(runtime.bootstrap),
-                    psk=load_psk(local.data_dir.root))
+                    psk=load_psk(local.data_dir.root), warm=WarmConfig(max_peers=runtime.config.warm_peers))
     service = NetService(local.identity, local.store, local.model_hash, local.worker, cfg, runtime.metrics)
     register_tier(local.resolver, service.tier)
     if local.kv is not None and local.resolver.kv is not None:

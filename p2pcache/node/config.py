@@ -65,6 +65,9 @@ class NodeConfig(BaseModel):
         [], description="HTTP URLs of running nodes whose /admin/status addrs join the bootstrap list."
     )
     bootstrap_wait_s: float = Field(60.0, gt=0, description="How long to wait for bootstrap_http nodes.")
+    warm_peers: int = Field(
+        8, ge=0, le=256, description="Producers dialled as their adverts arrive, before a request needs them (0: off)."
+    )
     share_by_default: bool = Field(False, description="Share entries with peers unless a request says otherwise.")
     n_ctx: int = Field(8192, ge=256, le=1 << 20, description="Context window in tokens.")
     n_gpu_layers: int | None = Field(None, ge=-1, description="Layers on the GPU (-1 all, 0 none; default: all if any GPU).")
