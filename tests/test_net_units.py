@@ -341,3 +341,13 @@ def test_warm_run_dials_new_producers_once_and_reports_failures() -> None:
     assert done.is_set()
     assert sorted(dialled) == ["down", "up"]
     assert w.stats == {"dialled": 1, "failed": 1} and not w._inflight
+
+
+def test_index_keeps_the_addresses_of_a_bounded_number_of_producers(tmp_path: Path) -> None:
+    index = GossipIndex(max_producers=2)
+    ids = [ident(tmp_path, f"p{i}") for i in range(3)]
+    for seq, who in enumerate(ids + [ids[0]]):  # p0 heard again last: p1 is the oldest
+        index.add(make_advert(who, MH, [f"/ip4/127.0.0.1/tcp/{seq + 1}"], seq + 1,
+                              [AdEntry("decoder_final", f"{seq:064x}", 10, "02" * 32)]))
+    assert list(index.addrs) == [ids[2].peer_id, ids[0].peer_id]
+    assert index.addrs[ids[0].peer_id] == ("/ip4/127.0.0.1/tcp/4",)

@@ -132,16 +132,22 @@ class Provider:
 class GossipIndex:
     """Who has what: key -> providers, from accepted adverts. Bounded (oldest keys dropped)."""
 
-    def __init__(self, max_keys: int = 100_000) -> None:
+    def __init__(self, max_keys: int = 100_000, max_producers: int = 10_000) -> None:
         self.max_keys = max_keys
+        self.max_producers = max_producers
         self._by_key: OrderedDict[tuple[str, str], dict[str, Provider]] = OrderedDict()
-        self.addrs: dict[str, tuple[str, ...]] = {}
+        # Producer -> its advertised addresses, most recently heard last; bounded like the keys
+        # (identities are free to make, so a flood of producers must not grow it without end).
+        self.addrs: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         self.on_change: Callable[[], None] | None = None  # e.g. wake waiters for a provider
 
     def add(self, ad: Advert) -> None:
         now = time.monotonic()
         if ad.addrs:
             self.addrs[ad.producer] = ad.addrs
+            self.addrs.move_to_end(ad.producer)
+            while len(self.addrs) > self.max_producers:
+                self.addrs.popitem(last=False)
         for e in ad.entries:
             k = (e.cache_level, e.key)
             provs = self._by_key.get(k)
