@@ -60,6 +60,8 @@ class WarmConnections:
         if cfg.max_peers <= 0:
             return []
         now = time.monotonic() if now is None else now
+        for p in [p for p, t in self._tried.items() if now - t >= cfg.retry_s]:
+            del self._tried[p]  # may be tried again; keeps the map as small as the retry window
         connected = self._connected()
         warm = sum(1 for p in producers if p in connected) + len(self._inflight)
         budget = cfg.max_peers - warm
@@ -67,7 +69,7 @@ class WarmConnections:
             return []
         fresh = [p for p, addrs in producers.items()
                  if addrs and p != self.self_id and p not in connected and p not in self._inflight
-                 and not self._is_banned(p) and now - self._tried.get(p, -1e18) >= cfg.retry_s]
+                 and p not in self._tried and not self._is_banned(p)]
         fresh.sort(key=self._score, reverse=True)
         return fresh[:budget]
 
