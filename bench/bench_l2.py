@@ -1,6 +1,6 @@
 """L2 (an entry from a peer) against L3 (computing it), and verification against generation.
 
-    flock -x /tmp/p2pcache-bench.lock .venv/bin/python bench/bench_l2.py [--parts verify,e2e] [--runs 3]
+    flock -x /tmp/p2pcache-bench.lock .venv/bin/python bench/bench_l2.py [--parts verify,e2e,floor] [--runs 3]
 
 ``verify``: in one process, the real model. For 64- and 256-token outputs (greedy and sampled)
 generate an answer (what L3 pays), sign it as a producer would, then time
@@ -10,7 +10,7 @@ comparison, the same output is also run through `LlamaBackend.score` (the full l
 top-k that verification computed before `check`: "score ms").
 
 ``e2e``: three `p2pcache node run` processes on loopback in a line A - B - C (B bootstraps
-from A, C from B; C never dials A). Per run, one fresh prompt, 256 tokens, greedy:
+from A, C from B; C dials A only once A's adverts reach it, as warm connections do). Per run, one fresh prompt, 256 tokens, greedy:
   1. L3 on C: the prompt with ``seed=1`` (greedy ignores the seed, but it is part of the key, so
      nobody has it): C runs the model, same prompt, same output length;
   2. the prompt (``seed=0``) on A: A computes and advertises it;
@@ -19,6 +19,10 @@ from A, C from B; C never dials A). Per run, one fresh prompt, 256 tokens, greed
   4. the prompt (``seed=0``) on C: timed from the client, the answer must say L2, verified,
      and be byte-identical to A's; then once more on C, which must be L0.
 Prints medians; each row also shows the node's own split (fetch, verify) of the L2 answer.
+
+``floor``: where a verification's time goes on this machine. One llama.cpp decode of a
+prompt + its 256-token greedy answer (what `LlamaBackend.check` runs), with logits at 1, 64
+and 256 rows: the 1-row decode is the transformer body alone, the rest is the LM head.
 """
 
 from __future__ import annotations
@@ -229,9 +233,35 @@ def bench_e2e(runs: int, n_tokens: int, keep: bool) -> dict[str, Any]:
     return {"rows": rows}
 
 
+def bench_floor(runs: int, n_tokens: int = 256) -> list[tuple[int, int, float]]:
+    """(input tokens, logit rows, median ms) of one decode of prompt + answer."""
+    from p2pcache.backend import BackendConfig, LlamaBackend, resolve_model_path
+    from p2pcache.keys import SamplingParams
+
+    backend = LlamaBackend(BackendConfig(model_path=resolve_model_path(None), n_ctx=4096))
+    llm = backend.llm
+    prompt = backend.chat_tokens([{"role": "user", "content": PROMPTS[0]}])  # as the verify part
+    gen = backend.generate(prompt, SamplingParams(max_tokens=n_tokens, temperature=0.0))
+    toks = list(prompt) + list(gen.tokens)
+    out = []
+    for rows in (1, 64, n_tokens):
+        times = []
+        for _ in range(runs + 1):  # the first is a warm-up
+            llm.reset()
+            llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+            llm._batch.set_batch(batch=toks, n_past=0, logits_all=True)
+            for j in range(len(toks) - rows):
+                llm._batch.batch.logits[j] = False
+            t0 = time.perf_counter()
+            llm._ctx.decode(llm._batch)
+            times.append((time.perf_counter() - t0) * 1000)
+        out.append((len(toks), rows, med(times[1:])))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--parts", default="verify,e2e")
+    ap.add_argument("--parts", default="verify,e2e", help="comma list of verify, e2e, floor")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--sizes", default="64,256")
     ap.add_argument("--e2e-tokens", type=int, default=256)
@@ -252,6 +282,12 @@ def main() -> None:
         print("rejected: honest answers that failed verification; max gap: largest logit gap where the "
               "token decoded one at a time is not the argmax of the batched prefill; score ms: the same "
               "output through LlamaBackend.score (full log-softmax, top-k), as verification ran before")
+    if "floor" in parts:
+        print(f"\nOne decode of prompt + 256-token answer, logits at k rows, medians of {a.runs}")
+        print(f"{'input tokens':>12} {'logit rows':>10} {'decode ms':>10}")
+        for n, rows, ms in bench_floor(a.runs):
+            print(f"{n:>12} {rows:>10} {ms:>10.1f}")
+        print("1 row: the transformer body alone; the difference to k rows: the LM head at k positions")
     if "e2e" in parts:
         print(f"\nEnd to end on C, line A - B - C, {a.e2e_tokens} tokens greedy, separate node processes", flush=True)
         res = bench_e2e(a.runs, a.e2e_tokens, a.keep)["rows"]
