@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +169,7 @@ def mesh_peers(http: httpx.Client, node: NodeProcess) -> int:
 @contextmanager
 def running_line(tmp: Path, extra: Sequence[str], env: dict[str, str]) -> Iterator[tuple[NodeProcess, ...]]:
     """Three `p2pcache node run` daemons in a line A - B - C (B bootstraps from A, C from B; C
-    never dials A), yielded once the ad topic's mesh has formed along the line. Stopped with
+    dials A only once A's adverts reach it, through warm connections), yielded once the ad topic's mesh has formed along the line. Stopped with
     SIGTERM at the end; each must exit cleanly (code 0), else its log tail is printed."""
     nodes: list[NodeProcess] = []
     try:
@@ -188,3 +189,46 @@ def running_line(tmp: Path, extra: Sequence[str], env: dict[str, str]) -> Iterat
             if codes.get(n.name) != 0:
                 print(f"--- {n.name} log tail ---\n{n.log_tail(60)}")
         assert all(v == 0 for v in codes.values()), codes
+
+
+@dataclass
+class Line:
+    """A `running_line` seen from a test: HTTP calls to its nodes, each asserting a 200."""
+
+    a: NodeProcess
+    b: NodeProcess
+    c: NodeProcess
+    http: httpx.Client
+    model: str
+    tmp: Path
+    max_tokens: int = 8
+
+    def complete(self, node: NodeProcess, prompt: str, share: bool = True, **kw: Any) -> dict[str, Any]:
+        body = {"model": self.model, "prompt": prompt, "max_tokens": self.max_tokens, "temperature": 0,
+                "share": share, **kw}
+        r = self.http.post(f"{node.url}/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert r.headers["x-cache-level"] == doc["x_cache"]["level"]
+        return doc
+
+    def admin(self, node: NodeProcess, path: str, **params: Any) -> dict[str, Any]:
+        r = self.http.get(f"{node.url}{path}", params=params)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def providers(self, node: NodeProcess, key: str, wait_s: float = 0.0) -> list[str]:
+        # /admin/providers waits on the node's index-changed event, not a sleep loop
+        return self.admin(node, "/admin/providers", key=key, wait_s=wait_s)["providers"]
+
+    def net_stats(self, node: NodeProcess) -> dict[str, Any]:
+        return self.admin(node, "/admin/peers")["stats"]
+
+    def keys_seen(self, node: NodeProcess, producer: str) -> int:
+        """How many keys ``node``'s gossip index lists ``producer`` for (adverts relayed to it)."""
+        return int(self.net_stats(node)["index"]["providers"].get(producer, 0))
+
+    def rep_of(self, node: NodeProcess, peer_id: str) -> dict[str, Any]:
+        rows = self.admin(node, "/admin/reputation", peer_id=peer_id)["peers"]
+        assert len(rows) == 1
+        return rows[0]

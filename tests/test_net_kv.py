@@ -12,7 +12,6 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -25,7 +24,7 @@ from p2pcache.net.kv_tier import KvSource, decode_body
 from p2pcache.net.wire import WireError
 from p2pcache.node.cluster import NodeProcess, stop_all, wait_ready
 from p2pcache.store import Store
-from tests.net_harness import MESH_TIMEOUT_S, mesh_peers, running_line, until
+from tests.net_harness import MESH_TIMEOUT_S, Line, mesh_peers, running_line, until
 
 MAX_TOKENS = 8
 C_TOKENS = 16  # chunk size
@@ -40,43 +39,13 @@ def system_text(topic: str) -> str:
     return f"You are the {topic} assistant of a small library. " + " ".join(facts) + "\n\nQuestion: "
 
 
-@dataclass
-class Net:
-    a: NodeProcess
-    b: NodeProcess
-    c: NodeProcess
-    http: httpx.Client
-    model: str
-    tmp: Path
-
-    def complete(self, node: NodeProcess, prompt: str, share: bool = True) -> dict[str, Any]:
-        body = {"model": self.model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "share": share}
-        r = self.http.post(f"{node.url}/v1/completions", json=body)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    def net_stats(self, node: NodeProcess) -> dict[str, Any]:
-        r = self.http.get(f"{node.url}/admin/peers")
-        assert r.status_code == 200, r.text
-        return r.json()["stats"]
-
-    def keys_seen(self, node: NodeProcess, producer: str) -> int:
-        """How many keys ``node``'s gossip index lists ``producer`` for (adverts relayed to it)."""
-        return int(self.net_stats(node)["index"]["providers"].get(producer, 0))
-
-    def rep_of(self, node: NodeProcess, peer_id: str) -> dict[str, Any]:
-        r = self.http.get(f"{node.url}/admin/reputation", params={"peer_id": peer_id})
-        assert r.status_code == 200, r.text
-        return r.json()["peers"][0]
-
-
 @pytest.fixture(scope="module")
-def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Line]:
     tmp = tmp_path_factory.mktemp("kvnet")
     env = {"P2PCACHE_KV_PREFIX": "true", "P2PCACHE_KV_NET": "true", "P2PCACHE_KV_SPOT_CHECK_RATE": "1.0"}
     with running_line(tmp, ["--n-ctx", "2048", "--log-level", "info"], env) as (a, b, c):
         with httpx.Client(timeout=180) as http:
-            yield Net(a, b, c, http, a.ready["model"], tmp)
+            yield Line(a, b, c, http, a.ready["model"], tmp, MAX_TOKENS)
 
 
 def cold(backend: LlamaBackend, prompt: str) -> str:
@@ -86,7 +55,7 @@ def cold(backend: LlamaBackend, prompt: str) -> str:
 
 @pytest.mark.model
 def test_shared_prefix_resumed_on_c_from_a_chunks_private_prefix_never_leaves_a(
-        net: Net, backend: LlamaBackend) -> None:
+        net: Line, backend: LlamaBackend) -> None:
     # A private prefix first, then a shared one: only the shared one's chunks are advertised.
     private = net.complete(net.a, system_text("payroll") + "Who owns request 3?", share=False)
     assert private["x_cache"]["level"] == "L3"
@@ -133,7 +102,7 @@ def test_shared_prefix_resumed_on_c_from_a_chunks_private_prefix_never_leaves_a(
 
 
 @pytest.mark.model
-def test_corrupted_chunks_caught_by_spot_check_answer_still_correct(net: Net, backend: LlamaBackend) -> None:
+def test_corrupted_chunks_caught_by_spot_check_answer_still_correct(net: Line, backend: LlamaBackend) -> None:
     evil_dir = net.tmp / "evil"
     evil_dir.mkdir()
     log = (evil_dir / "node.log").open("ab")

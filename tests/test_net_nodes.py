@@ -1,5 +1,6 @@
 """The network between real node daemons: `p2pcache node run` processes on loopback, driven
-over their HTTP API, in a line A - B - C (C dials only B).
+over their HTTP API, in a line A - B - C (C bootstraps only from B; it dials A once A's
+adverts reach it, through warm connections).
 
 Honest nodes are real daemons (model, LMDB, libp2p, L2 tier). The misbehaving peers (a liar
 that serves altered completions, a peer that stalls mid-transfer, a hostile publisher) are
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,45 +21,12 @@ import pytest
 
 from p2pcache.identity import Identity
 from p2pcache.node.cluster import NodeProcess, start_node, stop_all
-from tests.net_harness import MESH_TIMEOUT_S, Peers, mesh_peers, running_line, until
+from tests.net_harness import MESH_TIMEOUT_S, Line, Peers, mesh_peers, running_line, until
 
 pytestmark = pytest.mark.model
 
 MAX_TOKENS = 8
 AD_TIMEOUT_S = 40.0  # an advert reaches C through B (or at the latest with a re-advertisement)
-
-
-@dataclass
-class Line:
-    a: NodeProcess
-    b: NodeProcess
-    c: NodeProcess
-    http: httpx.Client
-    model: str
-    tmp: Path
-
-    def complete(self, node: NodeProcess, prompt: str, share: bool = True, **kw: Any) -> dict[str, Any]:
-        body = {"model": self.model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
-                "share": share, **kw}
-        r = self.http.post(f"{node.url}/v1/completions", json=body)
-        assert r.status_code == 200, r.text
-        doc = r.json()
-        assert r.headers["x-cache-level"] == doc["x_cache"]["level"]
-        return doc
-
-    def admin(self, node: NodeProcess, path: str, **params: Any) -> dict[str, Any]:
-        r = self.http.get(f"{node.url}{path}", params=params)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    def providers(self, node: NodeProcess, key: str, wait_s: float = 0.0) -> list[str]:
-        # /admin/providers waits on the node's index-changed event, not a sleep loop
-        return self.admin(node, "/admin/providers", key=key, wait_s=wait_s)["providers"]
-
-    def rep_of(self, node: NodeProcess, peer_id: str) -> dict[str, Any]:
-        rows = self.admin(node, "/admin/reputation", peer_id=peer_id)["peers"]
-        assert len(rows) == 1
-        return rows[0]
 
 
 def metric(line: Line, node: NodeProcess, name: str) -> float:
@@ -78,7 +45,7 @@ def line(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Line]:
     env = {"P2PCACHE_KV_PREFIX": "false"}
     with running_line(tmp, ["--n-ctx", "2048", "--log-level", "info"], env) as (a, b, c):
         with httpx.Client(timeout=120) as http:
-            yield Line(a, b, c, http, a.ready["model"], tmp)
+            yield Line(a, b, c, http, a.ready["model"], tmp, MAX_TOKENS)
 
 
 def test_status_addrs_and_line_topology(line: Line) -> None:
