@@ -139,9 +139,9 @@ def test_paraphrase_is_served_from_l1_with_scores(
     assert para.cache_level == "L1"
     assert para.text == first.text and para.tokens == first.tokens
     assert para.input_sha256 != first.input_sha256
-    assert para.details["source_input_sha256"] == first.input_sha256
-    assert para.details["similarity"] >= tier.config.tau
-    gate = para.details["gate"]
+    assert para.semantic.source_input_sha256 == first.input_sha256
+    assert para.semantic.similarity >= tier.config.tau
+    gate = para.semantic.gate
     assert gate["accepted"] and gate["delta"] >= -tier.config.margin and gate["scored_tokens"] > 0
     assert resolver.computations == 1
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import llama_cpp
 
+from p2pcache.errors import PromptTooLong  # noqa: F401 - re-exported
 from p2pcache.backend.chat_templates import fallback_template
 from p2pcache.backend.logit_checks import CheckReducer, TokenChecks
 from p2pcache.keys import SamplingParams
@@ -25,10 +26,6 @@ log = logging.getLogger(__name__)
 
 TokenHook = Callable[[int], None]
 """Called on the model's thread with each completion token as it is sampled (live streaming)."""
-
-
-class PromptTooLong(ValueError):
-    """Prompt plus max_tokens do not fit in the context window."""
 
 
 @dataclass(frozen=True)

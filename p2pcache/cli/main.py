@@ -50,9 +50,9 @@ def _summary(a: Answer) -> str:
         if t.cached_prompt_tokens:
             parts.append(f"{t.cached_prompt_tokens} prompt tokens restored from stored KV")
         parts += [f"prefill {t.prefill_ms:.0f} ms", f"decode {t.decode_ms:.0f} ms"]
-    if a.cache_level == "L1":  # a paraphrase's answer: say how similar and what the gate saw
-        gate = a.details.get("gate") or {}
-        parts.append(f"similarity {a.details.get('similarity', 0):.3f}")
+    if a.semantic is not None:  # a paraphrase's answer: say how similar and what the gate saw
+        gate = a.semantic.gate or {}
+        parts.append(f"similarity {a.semantic.similarity:.3f}")
         if gate.get("delta") is not None:
             parts.append(f"gate Δlogprob {gate['delta']:+.2f}/token")
     parts += [f"total {t.total_ms:.2f} ms", f"key {a.input_sha256[:12]}"]

@@ -33,6 +33,7 @@ from typing import TypeVar
 import lmdb
 import xxhash
 
+from p2pcache.errors import CorruptChunk  # noqa: F401 - re-exported
 from p2pcache.store import Store
 from p2pcache.store.records import now_ms
 
@@ -47,10 +48,6 @@ COUNTERS = (
     "chunks", "bytes", "chunk_puts", "logical_bytes", "evictions", "corrupt_dropped",
     "lookups", "lookup_hits", "lookup_tokens", "restored_tokens",
 )
-
-
-class CorruptChunk(ValueError):
-    pass
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-
-
-class StateFormatError(ValueError):
-    """The state bytes do not have the layout we know how to cut and rebuild."""
+from p2pcache.errors import StateFormatError  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)

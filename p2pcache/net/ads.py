@@ -23,6 +23,7 @@ from typing import Any
 
 import msgpack
 
+from p2pcache.errors import AdRejected  # noqa: F401 - re-exported
 from p2pcache.identity import Identity
 from p2pcache.net.peer_keys import canonical, verify_by_peer
 
@@ -78,10 +79,6 @@ def make_advert(identity: Identity, model_hash: str, addrs: Sequence[str], seq: 
     ad = Advert(model_hash, identity.peer_id, tuple(addrs)[:MAX_ADDRS],
                 ts if ts is not None else int(time.time() * 1000), seq, tuple(entries))
     return Advert(**{**ad.__dict__, "sig": identity.sign(ad.payload())})
-
-
-class AdRejected(ValueError):
-    pass
 
 
 def decode_advert(data: bytes) -> Advert:

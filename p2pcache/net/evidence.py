@@ -18,6 +18,7 @@ from typing import Any
 
 import msgpack
 
+from p2pcache.errors import EvidenceRejected  # noqa: F401 - re-exported
 from p2pcache.identity import Identity
 from p2pcache.keys import SamplingParams, input_sha256
 from p2pcache.net.fetch import BadResponse, ResponseHeader, entry_from_wire
@@ -30,10 +31,6 @@ MAX_EVIDENCE_BYTES = 1024 * 1024
 
 def evidence_topic(model_hash: str) -> str:
     return f"otd/1/evidence/{model_hash}"
-
-
-class EvidenceRejected(ValueError):
-    pass
 
 
 @dataclass(frozen=True)

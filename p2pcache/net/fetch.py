@@ -39,6 +39,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
+from p2pcache.errors import FetchError, NotFound, Busy, FetchTimeout, BadResponse  # noqa: F401 - re-exported
 from p2pcache.identity import Identity
 from p2pcache.net.fastpath import BODY_FRAME, grant_receive_window
 from p2pcache.net.peer_keys import canonical, verify_by_peer
@@ -58,30 +59,6 @@ MAX_KV_CHUNKS = 1024  # chunk hashes per kv_prefix request (34 KB of the 64 KB c
 # drains the stream buffer is one copy, while partial reads leave it with a front offset that
 # makes CPython copy the whole buffer on the next append (quadratic in the buffered bytes).
 BODY_READ_SIZE = 16 * 1024 * 1024
-
-
-class FetchError(Exception):
-    """A fetch that did not produce a usable value. ``kind`` feeds reputation."""
-
-    kind = "error"
-
-
-class NotFound(FetchError):
-    kind = "not_found"
-
-
-class Busy(FetchError):
-    kind = "busy"
-
-
-class FetchTimeout(FetchError):
-    kind = "timeout"
-
-
-class BadResponse(FetchError):
-    """Protocol violation: bad signature, hash mismatch, oversize, malformed."""
-
-    kind = "bad_response"
 
 
 @dataclass(frozen=True)

@@ -11,18 +11,11 @@ import struct
 from typing import Any, Protocol
 
 import msgpack
+from p2pcache.errors import WireError, StreamEnded  # noqa: F401 - re-exported
 
 LEN = struct.Struct(">I")
 MAX_CONTROL_FRAME = 64 * 1024  # requests and response headers
 MAX_DATA_FRAME = 4 * 1024 * 1024  # one body frame
-
-
-class WireError(Exception):
-    """The peer broke the protocol: bad frame, oversize, malformed, early end."""
-
-
-class StreamEnded(WireError):
-    """The stream closed or reset before the frame was complete (peer gone or gave up)."""
 
 
 class ByteStream(Protocol):

@@ -8,13 +8,10 @@ from typing import Any
 
 import httpx
 
+from p2pcache.errors import NodeUnreachable  # noqa: F401 - re-exported
 from p2pcache.paths import DataDir
 
 DEFAULT_TIMEOUT_S = 10.0
-
-
-class NodeUnreachable(RuntimeError):
-    pass
 
 
 def find_node_url(url: str | None, data_dir: str | Path | None) -> str:

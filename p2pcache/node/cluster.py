@@ -17,13 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from p2pcache.errors import NodeStartError  # noqa: F401 - re-exported
 
 READY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 60.0
-
-
-class NodeStartError(RuntimeError):
-    pass
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from p2pcache.errors import ConfigError  # noqa: F401 - re-exported
 
 ENV_PREFIX = "P2PCACHE_"
 CONFIG_ENV = "P2PCACHE_CONFIG"
@@ -25,10 +26,6 @@ _SIZE_UNITS = {
     "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message says which key, value and source."""
 
 
 def parse_size(value: Any) -> int:

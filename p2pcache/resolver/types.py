@@ -39,6 +39,43 @@ class Timings:
     completion_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class PeerDetails:
+    """An L2 answer: which peer served it, who produced it, and what fetching it cost."""
+
+    peer: str
+    producer: str
+    verified: bool
+    fetch_ms: float
+    verify_ms: float
+    bytes: int
+
+
+@dataclass(frozen=True)
+class KvPeerDetails:
+    """An L3 answer that resumed from KV prefix chunks fetched from a peer for this request."""
+
+    peer: str
+    tokens: int  # prompt tokens restored from the fetched chunks (0 when they were rejected)
+    chunks: int
+    bytes: int
+    fetch_ms: float
+    spot_checked: bool
+    rejected: bool
+    spot_check_diff: float | None = None
+
+
+@dataclass(frozen=True)
+class SemanticDetails:
+    """An L1 answer: the similar cached prompt it came from and what the quality gate scored."""
+
+    similarity: float
+    tau: float
+    source_input_sha256: str
+    source_prompt: str
+    gate: dict[str, Any] | None  # `GateResult.to_dict()`; None when the gate is off
+
+
 @dataclass
 class Answer:
     text: str
@@ -48,7 +85,10 @@ class Answer:
     input_sha256: str
     model_hash: str
     timings: Timings
-    details: dict[str, Any] = field(default_factory=dict)  # level-specific (scores, peer)
+    single_flight: bool = False  # waited for an identical request's computation (served as L0)
+    peer: PeerDetails | None = None  # L2
+    kv_peer: KvPeerDetails | None = None  # L3 resumed from a peer's KV chunks
+    semantic: SemanticDetails | None = None  # L1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

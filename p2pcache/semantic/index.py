@@ -29,6 +29,7 @@ import lmdb
 import msgpack
 import numpy as np
 
+from p2pcache.errors import SnapshotCorrupt  # noqa: F401 - re-exported
 from p2pcache.store import CorruptValue, Store
 from p2pcache.store.records import decode_frame, encode_frame, now_ms
 
@@ -37,10 +38,6 @@ log = logging.getLogger(__name__)
 SNAPSHOT_MAGIC = b"P2PSEMIX1\n"
 DEFAULT_HNSW_THRESHOLD = 20_000  # measured: bench/bench_faiss.py, docs/benchmarks.md
 _NEXT = b"next"
-
-
-class SnapshotCorrupt(ValueError):
-    pass
 
 
 @dataclass

@@ -24,7 +24,7 @@ import msgpack
 import trio
 
 from p2pcache.backend import BackendWorker
-from p2pcache.resolver import Answer, Keyed, Level, Request, Timings
+from p2pcache.resolver import Answer, Keyed, Level, Request, SemanticDetails, Timings
 from p2pcache.semantic.embedder import Embedder
 from p2pcache.semantic.gate import DEFAULT_GATE_TOKENS, DEFAULT_MARGIN, Gate, GateConfig, GateResult
 from p2pcache.semantic.lexical import WordSimilarity
@@ -153,13 +153,13 @@ class SemanticTier:
                 input_sha256=keyed.key,
                 model_hash=keyed.model_hash,
                 timings=Timings(prompt_tokens=len(keyed.tokens), completion_tokens=len(entry.output.tokens)),
-                details={
-                    "similarity": sim,
-                    "tau": self.config.tau,
-                    "source_input_sha256": rec.input_sha256,
-                    "source_prompt": rec.text,
-                    "gate": result.to_dict() if result is not None else None,
-                },
+                semantic=SemanticDetails(
+                    similarity=sim,
+                    tau=self.config.tau,
+                    source_input_sha256=rec.input_sha256,
+                    source_prompt=rec.text,
+                    gate=result.to_dict() if result is not None else None,
+                ),
             )
         return None
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import lmdb
 
+from p2pcache.errors import StoreError, EntryTooLarge  # noqa: F401 - re-exported
 from p2pcache.store.records import CorruptValue, Entry, decode_entry, encode_entry, now_ms
 
 log = logging.getLogger(__name__)
@@ -39,14 +40,6 @@ _HIT_FLUSH_COUNT = 256
 _HIT_FLUSH_SECONDS = 5.0
 
 COUNTERS = ("entries", "bytes", "inserts", "evictions", "corrupt_dropped", "hits", "misses")
-
-
-class StoreError(RuntimeError):
-    """A write could not be committed; the store is unchanged."""
-
-
-class EntryTooLarge(StoreError):
-    pass
 
 
 @dataclass(frozen=True)

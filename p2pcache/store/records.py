@@ -8,16 +8,13 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import msgpack
+from p2pcache.errors import CorruptValue  # noqa: F401 - re-exported
 
 CacheLevel = Literal["decoder_final", "kv_prefix"]
 
 FRAME_VERSION = 1
 _CHECKSUM_LEN = 16
 _HEADER_LEN = 1 + _CHECKSUM_LEN
-
-
-class CorruptValue(ValueError):
-    """A stored value failed its checksum or could not be decoded."""
 
 
 def now_ms() -> int:
