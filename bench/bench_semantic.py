@@ -80,12 +80,12 @@ def main() -> None:
         row[2] += 1
         if a.cache_level == "L1":
             l1_ms.append((time.perf_counter() - t0) * 1000)
-            l1_gate.append((a.details["gate"]["ms"], gen_ms.get(a.details["source_prompt"][len("Question: "):-len("\nAnswer:")], 0.0)))
-            right = p["label"] == "paraphrase" and a.details["source_prompt"] == qa(p["cached"])
+            l1_gate.append((a.semantic.gate["ms"], gen_ms.get(a.semantic.source_prompt[len("Question: "):-len("\nAnswer:")], 0.0)))
+            right = p["label"] == "paraphrase" and a.semantic.source_prompt == qa(p["cached"])
             row[0 if right else 1] += 1
             if not right:
-                wrong.append(f"  [{p['kind']}] {p['query']!r} got the answer of {a.details['source_prompt']!r} "
-                             f"(sim {a.details['similarity']:.3f}, gate delta {a.details['gate']['delta']:.2f})")
+                wrong.append(f"  [{p['kind']}] {p['query']!r} got the answer of {a.semantic.source_prompt!r} "
+                             f"(sim {a.semantic.similarity:.3f}, gate delta {a.semantic.gate['delta']:.2f})")
         # drop the query's own L3 entry so later queries see only the cached prompts
         if a.cache_level == "L3":
             node.store.delete(a.input_sha256)

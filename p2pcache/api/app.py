@@ -20,6 +20,7 @@ import logging
 import re
 import time
 import uuid
+from dataclasses import asdict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -175,7 +176,7 @@ class Api:
         level = answer.cache_level
         self.metrics.answers.labels(level).inc()
         self.metrics.latency.labels(level).observe(time.perf_counter() - t0)
-        if answer.details.get("single_flight"):
+        if answer.single_flight:
             self.metrics.single_flight.inc()
         return answer
 
@@ -196,22 +197,23 @@ class Api:
             "level": a.cache_level,
             "input_sha256": a.input_sha256,
             "model_hash": a.model_hash,
-            "single_flight": bool(a.details.get("single_flight")),
+            "single_flight": a.single_flight,
             "timings": {k: round(v, 3) if isinstance(v, float) else v for k, v in vars(a.timings).items()},
             **({"semantic": self._semantic(a)} if a.cache_level == "L1" else {}),
         }
-        if a.cache_level == "L2":  # which peer, verified, fetch and verification times
-            x["peer"] = {k: a.details[k] for k in ("peer", "producer", "verified", "fetch_ms", "verify_ms", "bytes")
-                         if k in a.details}
-        if "kv_peer" in a.details:  # L3 resumed from KV chunks fetched from a peer
-            x["kv_peer"] = a.details["kv_peer"]
+        if a.peer is not None:  # L2: which peer, verified, fetch and verification times
+            x["peer"] = asdict(a.peer)
+        if a.kv_peer is not None:  # L3 resumed from KV chunks fetched from a peer
+            x["kv_peer"] = {k: v for k, v in asdict(a.kv_peer).items() if v is not None}
         return x
 
     @staticmethod
     def _semantic(a: Answer) -> dict[str, Any]:
         """An L1 answer's evidence: how similar the cached prompt was and what the gate scored."""
-        d = a.details
-        return {k: d.get(k) for k in ("similarity", "tau", "source_input_sha256", "gate")}
+        d = a.semantic
+        if d is None:
+            return {}
+        return {"similarity": d.similarity, "tau": d.tau, "source_input_sha256": d.source_input_sha256, "gate": d.gate}
 
     def _headers(self, a: Answer) -> dict[str, str]:
         return {"X-Cache-Level": a.cache_level, "X-Cache-Key": a.input_sha256}

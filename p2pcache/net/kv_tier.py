@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from p2pcache.kv import KvPrefixCache, PrefixGeneration
     from p2pcache.net.service import NetService
     from p2pcache.resolver.ladder import Keyed
+    from p2pcache.resolver.types import KvPeerDetails
 
 log = logging.getLogger(__name__)
 
@@ -290,21 +291,23 @@ class KvPeerTier:
         if rec.banned():
             svc.on_banned(got.peer)
 
-    async def after_generate(self, keyed: Keyed, pg: PrefixGeneration, got: KvFetched | None) -> dict[str, Any]:
+    async def after_generate(
+        self, keyed: Keyed, pg: PrefixGeneration, got: KvFetched | None
+    ) -> KvPeerDetails | None:
         """After L3 stored its chunks: learn our prefill speed, mark a shared request's chunks
-        shareable and advertise the new ones. Returns the answer's details."""
+        shareable and advertise the new ones. Returns what the peer's chunks gave, if any."""
         svc, kv = self.service, self.kv
         gen = pg.generation
         svc.tier.cost.observe_prefill(gen.prompt_tokens - pg.cached_tokens, gen.prefill_ms / 1000)
-        details: dict[str, Any] = {}
+        details: KvPeerDetails | None = None
         c = kv.policy.chunk_tokens
         if got is not None:
             used = 0 if got.dropped else max(0, min(pg.cached_tokens, got.end * c) - got.first * c)
-            details["kv_peer"] = {"peer": got.peer, "tokens": used, "chunks": got.end - got.first,
-                                  "bytes": got.nbytes, "fetch_ms": round(got.fetch_ms, 2),
-                                  "spot_checked": got.spot_checked, "rejected": got.dropped,
-                                  **({"spot_check_diff": round(got.spot_check_diff, 4)}
-                                     if got.spot_check_diff is not None else {})}
+            details = KvPeerDetails(
+                peer=got.peer, tokens=used, chunks=got.end - got.first, bytes=got.nbytes,
+                fetch_ms=round(got.fetch_ms, 2), spot_checked=got.spot_checked, rejected=got.dropped,
+                spot_check_diff=round(got.spot_check_diff, 4) if got.spot_check_diff is not None else None,
+            )
         if keyed.request.share and kv.config is not None and svc.running:
             limit = kv.policy.max_store_tokens or kv.backend.config.n_ctx
             hashes = chunk_hashes(kv.config, keyed.tokens, min(len(keyed.tokens), limit) // c)

@@ -26,7 +26,7 @@ from p2pcache.net.fetch import (BadResponse, Busy, FetchError, FetchRequest, Fet
 from p2pcache.net.reputation import PeerRecord
 from p2pcache.net.verify import BackendScorer, VerifyConfig, verify_decoder_final
 from p2pcache.resolver.ladder import Keyed, answer_from_entry
-from p2pcache.resolver.types import Answer, Level
+from p2pcache.resolver.types import Answer, Level, PeerDetails
 from p2pcache.store import Entry, StoreError
 
 if TYPE_CHECKING:
@@ -196,9 +196,9 @@ class PeerTier:
             if not entry.privacy_flag:
                 svc.advertise(entry)
         answer = answer_from_entry(entry, keyed, self.level)
-        answer.details = {"peer": pid, "producer": entry.producer, "verified": True,
-                          "fetch_ms": round(fetch_ms, 2), "verify_ms": round(verdict.ms, 2),
-                          "bytes": len(got.body)}
+        answer.peer = PeerDetails(peer=pid, producer=entry.producer, verified=True,
+                                  fetch_ms=round(fetch_ms, 2), verify_ms=round(verdict.ms, 2),
+                                  bytes=len(got.body))
         return answer
 
     async def on_stored(self, keyed: Keyed, entry: Entry) -> None:

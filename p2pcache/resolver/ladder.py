@@ -19,7 +19,7 @@ import trio
 from p2pcache.backend import BackendWorker, TokenHook
 from p2pcache.identity import Identity
 from p2pcache.keys import input_sha256
-from p2pcache.resolver.types import Answer, Level, Request, Timings
+from p2pcache.resolver.types import Answer, KvPeerDetails, Level, Request, Timings
 from p2pcache.store import Entry, Output, Store, StoreError
 
 if TYPE_CHECKING:
@@ -44,8 +44,8 @@ class KvRemote(Protocol):
     async def prefetch(self, keyed: Keyed) -> Any:
         """Fetch the prompt's missing prefix chunks (stored locally); never raises."""
 
-    async def after_generate(self, keyed: Keyed, pg: PrefixGeneration, fetched: Any) -> dict[str, Any]:
-        """After the run: advertise what it stored; returns the answer's details."""
+    async def after_generate(self, keyed: Keyed, pg: PrefixGeneration, fetched: Any) -> KvPeerDetails | None:
+        """After the run: advertise what it stored; returns what the peer's chunks gave."""
 
 
 class Tier(Protocol):
@@ -171,7 +171,7 @@ class Resolver:
         params = keyed.request.params
         self.computations += 1
         cached_tokens = 0
-        details: dict[str, Any] = {}
+        kv_peer: KvPeerDetails | None = None
         kv, remote = self.kv, self.kv_remote
         if kv is not None:  # resume from the longest stored prefix, store the new chunks
             fetched = await remote.prefetch(keyed) if remote is not None else None
@@ -182,7 +182,7 @@ class Resolver:
             except lmdb.Error as exc:
                 log.warning("KV chunks for %s not stored: %s", keyed.key[:12], exc)
             if remote is not None:
-                details = await remote.after_generate(keyed, pg, fetched)
+                kv_peer = await remote.after_generate(keyed, pg, fetched)
         else:
             gen = await self.worker.generate(keyed.tokens, params, on_token)
         entry = Entry(
@@ -221,10 +221,10 @@ class Resolver:
                 decode_ms=gen.decode_ms,
                 prompt_tokens=gen.prompt_tokens,
                 cached_prompt_tokens=cached_tokens,
-                peer_prompt_tokens=int(details.get("kv_peer", {}).get("tokens", 0)),
+                peer_prompt_tokens=kv_peer.tokens if kv_peer is not None else 0,
                 completion_tokens=len(gen.tokens),
             ),
-            details=details,
+            kv_peer=kv_peer,
         )
 
 
@@ -238,5 +238,5 @@ def answer_from_entry_like(answer: Answer, keyed: Keyed) -> Answer:
         input_sha256=keyed.key,
         model_hash=keyed.model_hash,
         timings=Timings(prompt_tokens=len(keyed.tokens), completion_tokens=len(answer.tokens)),
-        details={"single_flight": True},
+        single_flight=True,
     )

@@ -1,0 +1,48 @@
+"""What the HTTP app is given: the parts of a running node it serves, built by the node.
+
+The app never imports `p2pcache.node`; the node's composition root builds a `NodeContext`
+and hands it to `p2pcache.api.create_app`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from p2pcache.backend import BackendWorker
+from p2pcache.metrics import NodeMetrics
+from p2pcache.net.view import NetworkView, NoNetwork
+from p2pcache.resolver import Resolver
+from p2pcache.store import Store
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """The node configuration the HTTP app reads (mapped from `NodeConfig` in one place)."""
+
+    admin_token: str | None = None  # if set, /admin/* and /metrics need a bearer token
+    default_max_tokens: int = 128
+    max_tokens_limit: int = 2048
+    max_body_bytes: int = 1 << 20
+    share_by_default: bool = False
+    listen: tuple[str, ...] = ()  # the configured libp2p listen multiaddrs (shown by /admin/status)
+
+
+@dataclass
+class NodeContext:
+    """A running node as the HTTP app sees it. ``draining`` and ``http_urls`` change while the
+    node runs (the daemon sets them); everything else is fixed once built."""
+
+    settings: ApiSettings
+    resolver: Resolver
+    store: Store
+    worker: BackendWorker
+    peer_id: str
+    model_hash: str
+    model_id: str
+    metrics: NodeMetrics
+    network: NetworkView = field(default_factory=NoNetwork)
+    bootstrap: list[str] = field(default_factory=list)
+    http_urls: list[str] = field(default_factory=list)
+    started_at: float = field(default_factory=time.time)
+    draining: bool = False
