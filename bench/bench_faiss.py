@@ -1,4 +1,4 @@
-"""Flat or HNSW? Where L1's FAISS index switches (issue 5).
+"""Flat or HNSW? Where L1's FAISS index switches.
 
 Unit vectors of dimension 384 (all-MiniLM-L6-v2), clustered like prompt embeddings (a few
 thousand topics, each a spread of paraphrases): search latency (one query, k=4, as L1 does),

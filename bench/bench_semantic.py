@@ -1,4 +1,4 @@
-"""L1 semantic tier on the labelled pairs of tests/data/semantic_pairs.jsonl (issue 5).
+"""L1 semantic tier on the labelled pairs of tests/data/semantic_pairs.jsonl.
 
 1. End to end at the defaults: a semantic node (real Gemma 3 270M, real MiniLM, FAISS, LMDB)
    answers every cached prompt (L3, indexed), then every paraphrase and near-miss query with

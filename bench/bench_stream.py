@@ -41,7 +41,7 @@ def hook_cost(tokens: int, runs: int) -> None:
 
     import trio
 
-    from p2pcache.api.streaming import LiveText
+    from p2pcache.api.sse import LiveText
     from p2pcache.backend import BackendConfig, LlamaBackend, resolve_model_path
     from p2pcache.keys import SamplingParams
 

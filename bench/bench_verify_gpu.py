@@ -1,4 +1,4 @@
-"""Verification vs generation with llama.cpp on a GPU (issue 6), on synthetic models.
+"""Verification vs generation with llama.cpp on a GPU, on synthetic models.
 
 Self-contained: needs llama-cpp-python (a CUDA build), numpy and, to write the models, the
 `gguf` package; from this repo it loads only `p2pcache/backend/logit_checks.py` (numpy), by

@@ -20,6 +20,9 @@ P2PCacheError
 ├── StorageError                         local storage
 │   ├── StoreError                       a write was not committed; the store is unchanged
 │   │   └── EntryTooLarge
+│   ├── UnknownDatabase                  a tenant used an LMDB database it did not declare
+│   ├── DuplicateDatabase                two tenants (or one twice) declared one database
+│   ├── MissingDatabase                  a read-only store lacks a tenant's databases
 │   └── CorruptData (ValueError)         stored bytes failed a checksum or do not decode
 │       ├── CorruptValue                 an LMDB value
 │       ├── CorruptChunk                 a KV chunk
@@ -92,8 +95,8 @@ class EmbedderUnavailable(Unavailable):
 
 
 class ComputationFailed(P2PCacheError):
-    """The identical request this one waited on (single flight) failed with an error that is
-    not an `Unavailable` (those are re-raised as themselves)."""
+    """The identical request this one waited on (single flight) failed; ``__cause__`` is its
+    error (the API answers a waiter as it answered that request)."""
 
 
 # -- storage -------------------------------------------------------------------------------
@@ -107,6 +110,18 @@ class StoreError(StorageError):
 
 class EntryTooLarge(StoreError):
     """The entry is larger than the store accepts."""
+
+
+class UnknownDatabase(StorageError):
+    """A tenant of the LMDB environment asked for a database its schema does not declare."""
+
+
+class DuplicateDatabase(StorageError):
+    """A database name was declared by two tenants, or twice by one."""
+
+
+class MissingDatabase(StorageError):
+    """A store opened read-only lacks a tenant's databases (that tenant never wrote there)."""
 
 
 class CorruptData(StorageError, ValueError):

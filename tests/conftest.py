@@ -23,7 +23,7 @@ def model_path() -> Path:
 def backend(model_path: Path) -> Iterator[LlamaBackend]:
     b = LlamaBackend(BackendConfig(model_path=model_path, n_ctx=2048))
     yield b
-    b.llm.close()
+    b.close()
 
 
 @pytest.fixture(scope="session")

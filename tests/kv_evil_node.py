@@ -12,14 +12,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
 
 import numpy as np
 import trio
 
-from p2pcache.net.fetch import ChainSource, FetchRequest
+from p2pcache.metrics import NodeMetrics
+from p2pcache.net.config import NetConfig
+from p2pcache.net.fetch import FetchRequest, StoreSource
 from p2pcache.net.kv_tier import KvSource
-from p2pcache.net.service import NetService, create_network_service
+from p2pcache.node.build import LocalParts, Network, build_network
 from p2pcache.node.config import load_config
 from p2pcache.node.daemon import run_node
 
@@ -31,16 +32,29 @@ class CorruptKvSource(KvSource):
             return None
         n = len(req.chunks)
         arr = np.frombuffer(body, np.uint8).copy()
-        arr[n * 32 + 1::2] ^= 0x80  # the payloads only: the hashes still match the request
+        arr[n * 32 + 1 :: 2] ^= 0x80  # the payloads only: the hashes still match the request
         return arr.tobytes()
 
 
-def factory(runtime: Any) -> NetService:
-    svc = create_network_service(runtime)
-    src = svc.server.source
-    assert isinstance(src, ChainSource) and svc.kv_tier is not None
-    src.sources = [CorruptKvSource(s.kv, s.model_hash) if isinstance(s, KvSource) else s for s in src.sources]
-    return svc
+def evil_network(local: LocalParts, config: NetConfig, metrics: NodeMetrics) -> Network:
+    """The node's own network, serving corrupted chunks in place of its shared ones."""
+    assert local.kv is not None
+    sources = [
+        StoreSource(local.store, local.model_hash),
+        CorruptKvSource(local.kv, local.model_hash),
+    ]
+    net = build_network(
+        local.identity,
+        local.store,
+        local.model_hash,
+        config,
+        worker=local.worker,
+        kv=local.kv,
+        metrics=metrics,
+        sources=sources,
+    )
+    assert net.kv is not None
+    return net
 
 
 def main() -> int:
@@ -50,9 +64,19 @@ def main() -> int:
     ap.add_argument("--n-ctx", type=int, default=2048)
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    cfg = load_config(None, {}, {"data_dir": a.data_dir, "http": "127.0.0.1:0", "listen": ["/ip4/127.0.0.1/tcp/0"],
-                                 "bootstrap": a.bootstrap, "n_ctx": a.n_ctx, "log_format": "text"})
-    return trio.run(run_node, cfg, factory)
+    cfg = load_config(
+        None,
+        {},
+        {
+            "data_dir": a.data_dir,
+            "http": "127.0.0.1:0",
+            "listen": ["/ip4/127.0.0.1/tcp/0"],
+            "bootstrap": a.bootstrap,
+            "n_ctx": a.n_ctx,
+            "log_format": "text",
+        },
+    )
+    return trio.run(run_node, cfg, evil_network)
 
 
 if __name__ == "__main__":

@@ -28,12 +28,21 @@ import trio
 from p2pcache.identity import Identity
 from p2pcache.keys import SamplingParams
 from p2pcache.net.ads import ads_topic
+from p2pcache.net.config import DirectoryConfig, NetConfig, PeersConfig, TierConfig
 from p2pcache.net.evidence import evidence_topic
-from p2pcache.net.fetch import (FetchRequest, FetchServer, ResponseHeader, StoreSource, entry_from_wire,
-                                entry_to_wire, fetch)
-from p2pcache.net.service import NetConfig, NetService, register_tier
-from p2pcache.net.tier import TierConfig
+from p2pcache.net.fetch import (
+    FetchRequest,
+    FetchServer,
+    ResponseHeader,
+    StoreSource,
+    entry_from_wire,
+    entry_to_wire,
+    fetch,
+)
+from p2pcache.net.service import NetService
 from p2pcache.net.wire import LEN, pack_msg
+from p2pcache.node.build import NodeOptions, build_network, build_resolver, open_local
+from p2pcache.resolver import Resolver
 from p2pcache.store import Entry, Output, Store
 
 
@@ -91,24 +100,21 @@ async def main(a: argparse.Namespace) -> None:
     data_dir = Path(a.data_dir or tempfile.mkdtemp(prefix="otd-peer-"))
     local = None
     if a.model:
-        from p2pcache.local import LocalNode, NodeOptions
-
-        local = LocalNode.open(NodeOptions(data_dir=data_dir, n_ctx=2048, kv_prefix=False, durable=False))
+        local = open_local(NodeOptions(data_dir=data_dir, n_ctx=2048, kv_prefix=False, durable=False))
         identity, store, model_hash, worker = local.identity, local.store, local.model_hash, local.worker
     else:
         identity = Identity.load_or_create(data_dir / "identity.key")
         store = Store(data_dir / "store", size_cap=1 << 30, durable=False)
         model_hash, worker = a.model_hash, None
-    cfg = NetConfig(listen=(f"/ip4/127.0.0.1/tcp/{a.port}",), bootstrap=tuple(a.bootstrap), psk=a.psk,
-                    readvertise_s=a.readvertise_s, ad_batch_s=0.1,
+    cfg = NetConfig(listen=(f"/ip4/127.0.0.1/tcp/{a.port}",), psk=a.psk,
+                    peers=PeersConfig(bootstrap=tuple(a.bootstrap)),
+                    directory=DirectoryConfig(readvertise_s=a.readvertise_s, ad_batch_s=0.1),
                     tier=TierConfig(fetch_timeout_s=a.fetch_timeout_s))
-    svc = NetService(identity, store, model_hash, worker, cfg)
-    if a.evil:
-        svc.server.source = EvilSource(store, model_hash, identity, local.backend if local is not None else None)
-    if a.stall:
-        svc.server = StallServer(identity, svc.server.source, svc.server.limits)
-    if local is not None:
-        register_tier(local.resolver, svc.tier)
+    sources = [EvilSource(store, model_hash, identity, local.backend if local is not None else None)] if a.evil else None
+    net = build_network(identity, store, model_hash, cfg, worker=worker, sources=sources,
+                        server_class=StallServer if a.stall else None)
+    svc = net.service
+    resolver = build_resolver(local, net) if local is not None else None
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(svc.run)
@@ -123,7 +129,7 @@ async def main(a: argparse.Namespace) -> None:
                     cmd = json.loads(line)
                     if cmd["cmd"] == "quit":
                         break
-                    out({"ok": True, **(await handle(cmd, svc, store, local, model_hash, identity))})
+                    out({"ok": True, **(await handle(cmd, svc, store, resolver, model_hash, identity))})
                 except Exception as exc:
                     out({"ok": False, "error": repr(exc), "trace": traceback.format_exc()[-1500:]})
             nursery.cancel_scope.cancel()
@@ -135,8 +141,8 @@ async def main(a: argparse.Namespace) -> None:
     out({"event": "stopped"})
 
 
-async def handle(cmd: dict[str, Any], svc: NetService, store: Store, local: Any, model_hash: str,
-                 identity: Identity) -> dict[str, Any]:
+async def handle(cmd: dict[str, Any], svc: NetService, store: Store, resolver: Resolver | None,
+                 model_hash: str, identity: Identity) -> dict[str, Any]:
     c = cmd["cmd"]
     if c == "put_entry":  # a synthetic entry (no model): for fetch/ads tests
         e = Entry(input_sha256=cmd["key"], model_hash=cmd.get("model_hash", model_hash), cache_level="decoder_final",
@@ -144,20 +150,21 @@ async def handle(cmd: dict[str, Any], svc: NetService, store: Store, local: Any,
                   privacy_flag=cmd.get("private", False), producer=identity.peer_id)
         e.signature = identity.sign(e.signing_payload())
         store.put(e)
-        svc.advertise(e)
+        svc.directory.advertise(e)
         return {"key": e.input_sha256, "output_sha256": e.output.sha256()}
     if c == "resolve":
         from p2pcache.resolver import Request
 
+        assert resolver is not None, "resolve needs --model"
         params = SamplingParams(**cmd.get("params", {"max_tokens": cmd.get("max_tokens", 16)}))
-        ans = await local.resolve(Request(prompt=cmd["prompt"], params=params, share=cmd.get("share", False)))
+        ans = await resolver.resolve(Request(prompt=cmd["prompt"], params=params, share=cmd.get("share", False)))
         return {"answer": ans.to_dict()}
     if c == "fetch":
         req = FetchRequest(cmd["key"], cmd.get("model_hash", model_hash), cmd.get("level", "decoder_final"),
                            max_bytes=cmd.get("max_bytes", 1 << 20))
         try:
-            await svc.ensure_connected(cmd["peer"], cmd.get("addrs", []), 10)
-            got = await fetch(svc.host, cmd["peer"], req, timeout_s=cmd.get("timeout_s", 10))
+            await svc.connections.ensure_connected(cmd["peer"], cmd.get("addrs", []), 10)
+            got = await fetch(svc.connections.host, cmd["peer"], req, timeout_s=cmd.get("timeout_s", 10))
         except Exception as exc:
             return {"fetched": False, "error": type(exc).__name__, "detail": str(exc)}
         return {"fetched": True, "size": len(got.body), "server": got.header.server,
@@ -168,9 +175,9 @@ async def handle(cmd: dict[str, Any], svc: NetService, store: Store, local: Any,
         from p2pcache.net.fetch import FETCH_PROTOCOL
         from p2pcache.net.wire import FrameReader, WireError
 
-        await svc.ensure_connected(cmd["peer"], cmd.get("addrs", []), 10)
+        await svc.connections.ensure_connected(cmd["peer"], cmd.get("addrs", []), 10)
         with trio.fail_after(cmd.get("timeout_s", 10)):
-            stream = await svc.host.new_stream(ID.from_base58(cmd["peer"]), [FETCH_PROTOCOL])
+            stream = await svc.connections.host.new_stream(ID.from_base58(cmd["peer"]), [FETCH_PROTOCOL])
             await stream.write(bytes.fromhex(cmd["data_hex"]))
             try:
                 reply = await FrameReader(stream).read_msg()
@@ -183,24 +190,27 @@ async def handle(cmd: dict[str, Any], svc: NetService, store: Store, local: Any,
                     pass
         return {"reply": {k: v for k, v in reply.items() if k != "sig"}}
     if c == "index":
-        return {"providers": [p.peer_id for p in svc.index.providers(cmd["key"], cmd.get("level", "decoder_final"))],
-                "snapshot": svc.index.snapshot()}
+        index = svc.directory.index
+        return {"providers": [p.peer_id for p in index.providers(cmd["key"], cmd.get("level", "decoder_final"))],
+                "snapshot": index.snapshot()}
     if c == "stats":
-        return {"ads": {"accepted": svc.validator.stats.accepted, "rejected": svc.validator.stats.rejected},
-                "evidence": svc.evidence_stats, "server": svc.server.stats.__dict__, "tier": svc.tier.stats,
-                "peers": [p["peer_id"] for p in svc.peers()]}
+        stats = svc.stats()
+        return {"ads": stats["ads"], "evidence": stats["evidence"], "server": stats["server"],
+                "tier": stats["tier"], "peers": [p["peer_id"] for p in svc.peers()]}
     if c == "rep":
         return {"reputation": svc.reputation()}
     if c == "publish_raw":  # a hostile publisher: arbitrary bytes on a topic
         topic = {"ads": ads_topic(cmd.get("model_hash", model_hash)),
                  "evidence": evidence_topic(cmd.get("model_hash", model_hash))}.get(cmd["topic"], cmd["topic"])
         # A hostile node skips its own validator (py-libp2p validates what it publishes too).
-        saved = svc.pubsub.topic_validators.pop(topic, None)
+        assert svc.gossip is not None
+        pubsub = svc.gossip.pubsub
+        saved = pubsub.topic_validators.pop(topic, None)
         try:
-            await svc.pubsub.publish(topic, bytes.fromhex(cmd["data_hex"]))
+            await pubsub.publish(topic, bytes.fromhex(cmd["data_hex"]))
         finally:
             if saved is not None:
-                svc.pubsub.topic_validators[topic] = saved
+                pubsub.topic_validators[topic] = saved
         return {}
     if c == "wait_provider":  # bounded wait (on the index-changed event) for a provider of a key
         timeout_s = cmd.get("timeout_s", 20)
@@ -210,26 +220,30 @@ async def handle(cmd: dict[str, Any], svc: NetService, store: Store, local: Any,
         return {"providers": providers}
     if c == "wait_peers":
         with trio.fail_after(cmd.get("timeout_s", 20)):
-            while len(svc.host.get_connected_peers()) < cmd["n"]:
+            while len(svc.connections.host.get_connected_peers()) < cmd["n"]:  # noqa: ASYNC110
                 await trio.sleep(0.05)
         return {}
     if c == "wait_mesh":  # until n peers subscribed to our ad topic are in our GossipSub mesh
         topic = ads_topic(model_hash)
+
+        def meshed() -> int:
+            g = svc.gossip
+            return 0 if g is None else min(len(g.subscribers(topic)), len(g.mesh_ids(topic)))
+
         with trio.fail_after(cmd.get("timeout_s", 20)):
-            while len(svc.pubsub.peer_topics.get(topic, ())) < cmd["n"] \
-                    or len(svc.router.mesh.get(topic, ()) if svc.router else ()) < cmd["n"]:
+            while meshed() < cmd["n"]:  # noqa: ASYNC110
                 await trio.sleep(0.05)
         return {}
     if c == "wait_rejected":  # until at least n adverts have been rejected in total
         with trio.fail_after(cmd.get("timeout_s", 20)):
-            while sum(svc.validator.stats.rejected.values()) < cmd["n"]:
+            while sum(svc.directory.validator.stats.rejected.values()) < cmd["n"]:  # noqa: ASYNC110
                 await trio.sleep(0.05)
-        return {"rejected": svc.validator.stats.rejected}
+        return {"rejected": svc.directory.validator.stats.rejected}
     if c == "wait_evidence":
         with trio.fail_after(cmd.get("timeout_s", 60)):
-            while svc.evidence_stats["confirmed"] + svc.evidence_stats["refuted"] < cmd.get("n", 1):
+            while svc.trust.stats["confirmed"] + svc.trust.stats["refuted"] < cmd.get("n", 1):  # noqa: ASYNC110
                 await trio.sleep(0.05)
-        return {"evidence": svc.evidence_stats}
+        return {"evidence": svc.trust.stats}
     if c == "sign_ad":  # a correctly signed advert from this node, for replay tests
         from p2pcache.net.ads import AdEntry, make_advert
 

@@ -50,9 +50,9 @@ def test_state_layout_round_trips(kv: KvPrefixCache, backend: LlamaBackend) -> N
     sliding window, so both caches are exercised)."""
     tokens = backend.tokenize(long_text("roundtrip", 28))
     assert len(tokens) > 560
-    backend.llm.reset()
-    backend.llm.eval(tokens)
-    original = bytes(kv._read_state(0))
+    backend.reset()
+    backend.prefill(tokens)
+    original = bytes(backend.read_state(kv.buf))
     layout, sections = parse_state(original)
     assert layout == kv.layout and len(sections) == 2
     assert list(sections[0].positions) == list(range(len(tokens)))
@@ -211,7 +211,8 @@ def test_shared_prefix_is_stored_once_and_evicted_by_cap(
 
 def test_resolver_reuses_the_previous_chat_turn(resolver: Resolver, store: Store, default_model_hash: str) -> None:
     backend = resolver.worker.backend
-    resolver.kv = KvPrefixCache(backend, KvChunkStore(store), default_model_hash, KvPolicy(chunk_tokens=C))
+    kv = KvPrefixCache(backend, KvChunkStore(store), default_model_hash, KvPolicy(chunk_tokens=C))
+    resolver = Resolver(store, resolver.worker, default_model_hash, resolver.identity, kv=kv)
     params = SamplingParams(max_tokens=20)
     history = [{"role": "system", "content": long_text("tour", 8)}, {"role": "user", "content": "Name an item."}]
     t1 = trio.run(resolver.resolve, Request(messages=tuple(history), params=params))

@@ -185,28 +185,3 @@ def test_kv_fetch_request_round_trip_and_limits() -> None:
     for bad in ([b"short"], ["ab" * 32], [b"x" * 32] * 1025):
         with pytest.raises(WireError):
             FetchRequest.from_msg({**r.to_msg(), "chunks": bad})
-
-
-def test_kv_fetch_only_from_peers_above_the_score_threshold(tmp_path: Path) -> None:
-    from types import SimpleNamespace
-
-    from p2pcache.net.ads import Provider
-    from p2pcache.net.kv_tier import KvNetConfig, KvPeerTier
-    from p2pcache.net.reputation import Reputation
-    from p2pcache.net.tier import PeerTier
-
-    store = Store(tmp_path / "store", size_cap=64 << 20)
-    try:
-        rep = Reputation(store.env)
-        rep.record_verified_failure("liar", None, "bad chunks")  # score 0.2
-        rep.record_timeout("slow")  # 0.33
-        rep.record_success("good", 1 << 20, 0.01)  # 0.67
-        svc = SimpleNamespace(rep=rep, identity=SimpleNamespace(peer_id="me"))
-        svc.tier = PeerTier(svc)  # type: ignore[arg-type]
-        kv = SimpleNamespace(config=SimpleNamespace(digest=lambda: b"\0" * 32), chunk_bytes=100)
-        provs = [Provider(p, (), 100, "00" * 32, 0.0) for p in ("liar", "slow", "new", "good", "me")]
-        for min_score, want in ((0.4, ["good", "new"]), (0.3, ["good", "new", "slow"]), (0.6, ["good"])):
-            tier = KvPeerTier(svc, kv, KvNetConfig(min_score=min_score))  # type: ignore[arg-type]
-            assert [p.peer_id for p in tier._eligible(provs)] == want
-    finally:
-        store.close()

@@ -7,16 +7,26 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from p2pcache.identity import Identity
 from p2pcache.keys import SamplingParams, input_sha256
-from p2pcache.net.ads import AdEntry, AdRejected, AdValidator, GossipIndex, ads_topic, decode_advert, make_advert
+from p2pcache.net.ads import (
+    AdEntry,
+    AdRejected,
+    AdValidator,
+    GossipIndex,
+    ads_topic,
+    decode_advert,
+    make_advert,
+)
 from p2pcache.net.evidence import EvidenceRejected, decode_evidence, make_evidence
 from p2pcache.net.fetch import FetchRequest, ResponseHeader, entry_from_wire, entry_to_wire
 from p2pcache.net.host import key_pair_from_identity, parse_psk
 from p2pcache.net.peer_keys import public_key_of
 from p2pcache.net.reputation import Reputation, ReputationConfig
+from p2pcache.net.warm import WarmConfig, WarmConnections
 from p2pcache.net.wire import WireError
 from p2pcache.store import Entry, Output, Store
 
@@ -179,7 +189,7 @@ def test_reputation_in_store_env(tmp_path: Path) -> None:
 
 def test_cost_model_fetch_or_recompute() -> None:
     from p2pcache.net.reputation import PeerRecord
-    from p2pcache.net.tier import CostModel
+    from p2pcache.net.selection import CostModel
 
     cm = CostModel(prefill_tps=700.0, decode_tps=80.0)
     fast = PeerRecord("p", latency_ms=2.0, bandwidth=100e6)
@@ -188,7 +198,7 @@ def test_cost_model_fetch_or_recompute() -> None:
     assert cm.decoder_final_pays(100, 256, 2_000, fast)
     # a peer 0.9 s away does not pay for a 4-token answer (4 / 80 tok/s = 50 ms to compute)
     assert not cm.decoder_final_pays(10, 4, 200, far)
-    # KV state, DESIGN.md's break-even: 2,000 tokens x 18.5 KB = 37 MB vs ~2.9 s of prefill
+    # KV state, the docs' break-even: 2,000 tokens x 18.5 KB = 37 MB vs ~2.9 s of prefill
     state = 2_000 * 18_500
     assert cm.kv_prefix_pays(state, 2_000, PeerRecord("r", latency_ms=5, bandwidth=100e6))
     assert not cm.kv_prefix_pays(state, 2_000, PeerRecord("s", latency_ms=5, bandwidth=4e6))
@@ -197,33 +207,6 @@ def test_cost_model_fetch_or_recompute() -> None:
         cm.observe_prefill(50_000, 1.0)
     assert cm.prefill_tps > 40_000
     assert not cm.kv_prefix_pays(state, 2_000, PeerRecord("r", latency_ms=5, bandwidth=100e6))
-
-
-def test_providers_ranked_by_reputation_then_expected_time(tmp_path: Path) -> None:
-    from types import SimpleNamespace
-
-    from p2pcache.net.ads import Provider
-    from p2pcache.net.tier import PeerTier
-
-    store = Store(tmp_path / "store", size_cap=64 << 20)
-    try:
-        rep = Reputation(store.env)
-        me = ident(tmp_path, "me").peer_id
-        good, slow, fast, liar = (ident(tmp_path, n).peer_id for n in ("good", "slow", "fast", "liar"))
-        for _ in range(5):
-            rep.record_success(good, 100_000, 0.01, ttfb_s=0.2)  # reliable but 200 ms away
-        rep.record_success(slow, 100_000, 1.0, ttfb_s=0.5)
-        rep.record_success(fast, 100_000, 0.001, ttfb_s=0.001)
-        for i in range(2):
-            rep.record_verified_failure(liar, f"proof-{i}".encode(), "wrong")
-        assert rep.is_banned(liar)
-        tier = PeerTier(SimpleNamespace(rep=rep, identity=SimpleNamespace(peer_id=me)))  # type: ignore[arg-type]
-        provs = [Provider(p, (), 100_000, "00" * 32, 0.0) for p in (slow, liar, me, fast, good)]
-        ranked = [p.peer_id for p in tier.ranked(provs)]
-        # good has the best record; slow and fast tie on score (0.67), fast is quicker
-        assert ranked == [good, fast, slow]
-    finally:
-        store.close()
 
 
 def _signed_lie(liar: Identity, accuser: Identity) -> tuple[ResponseHeader, bytes, list[int], SamplingParams]:
@@ -276,9 +259,7 @@ def test_reputation_cli_reads_a_stopped_nodes_store(tmp_path: Path) -> None:
 
 
 def _warm(connected: set[str], scores: dict[str, float], banned: set[str] = frozenset(),
-          max_peers: int = 3, retry_s: float = 300.0, dial=None) -> "WarmConnections":
-    from p2pcache.net.warm import WarmConfig, WarmConnections
-
+          max_peers: int = 3, retry_s: float = 300.0, dial=None) -> WarmConnections:
     async def no_dial(_p: str, _a: object, _t: float) -> None:
         raise AssertionError("not expected to dial")
 

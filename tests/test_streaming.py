@@ -1,4 +1,4 @@
-"""Live streaming of L3 answers (`p2pcache.api.streaming`): the text released token by token,
+"""Live streaming of L3 answers (`p2pcache.api.sse`): the text released token by token,
 and a node process streaming to the official `openai` client while it generates."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from p2pcache.api.streaming import LiveText
+from p2pcache.api.sse import LiveText
 from p2pcache.backend import LlamaBackend
 from p2pcache.keys import SamplingParams
 from p2pcache.node.cluster import NodeProcess, start_node

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from p2pcache.backend import BackendWorker
 from p2pcache.metrics import NodeMetrics
@@ -40,6 +41,9 @@ class NodeContext:
     peer_id: str
     model_hash: str
     model_id: str
+    model_path: Path  # the GGUF file (shown by /admin/status)
+    n_ctx: int  # the context window (the model card's x_context_window)
+    data_dir: Path  # the node's data dir root (shown by /admin/status)
     metrics: NodeMetrics
     network: NetworkView = field(default_factory=NoNetwork)
     bootstrap: list[str] = field(default_factory=list)

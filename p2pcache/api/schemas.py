@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 
 Number = StrictInt | StrictFloat
 # Fields OpenAI clients may send that do not change the output: accepted and ignored.
@@ -96,7 +105,8 @@ class Message(BaseModel):
     name: StrictStr | None = None
 
     def as_template_message(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        parts = self.content
+        text = parts if isinstance(parts, str) else "".join(p.text for p in parts)
         role = "system" if self.role == "developer" else self.role
         return {"role": role, "content": text}
 
@@ -116,4 +126,5 @@ class ChatCompletionRequest(_Base):
 
     @property
     def token_limit(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        given = self.max_completion_tokens
+        return given if given is not None else self.max_tokens

@@ -1,19 +1,35 @@
-"""Local inference with llama.cpp (L3)."""
+"""Local inference with llama.cpp (L3). `p2pcache.backend.llama_backend` is the only module
+of the package that imports llama_cpp."""
 
-from p2pcache.backend.llama_backend import BackendConfig, Generation, LlamaBackend, PromptTooLong, Score, TokenHook
+from p2pcache.backend.llama_backend import LlamaBackend
 from p2pcache.backend.model_files import ModelNotFound, default_model_path, resolve_model_path
+from p2pcache.backend.state_buffer import StateBuffer
+from p2pcache.backend.stops import stop_cut
+from p2pcache.backend.types import (
+    BackendConfig,
+    EvalHook,
+    Generation,
+    KvCacheInfo,
+    Score,
+    TokenHook,
+)
 from p2pcache.backend.worker import BackendWorker, Overloaded
+from p2pcache.errors import PromptTooLong
 
 __all__ = [
     "BackendConfig",
     "BackendWorker",
+    "EvalHook",
     "Generation",
+    "KvCacheInfo",
     "LlamaBackend",
     "ModelNotFound",
     "Overloaded",
     "PromptTooLong",
     "Score",
+    "StateBuffer",
     "TokenHook",
     "default_model_path",
     "resolve_model_path",
+    "stop_cut",
 ]

@@ -1,91 +1,52 @@
-"""The llama.cpp backend: tokenization, chat templates and generation.
+"""The one module that talks to llama.cpp: model loading, tokens, the decode loop,
+teacher-forced scoring and the per-sequence KV state.
 
-All methods here block (they run the model); callers on the event loop go through
-`p2pcache.backend.worker.BackendWorker`, which moves them to a thread.
+Every `llama_cpp` call and every use of llama-cpp-python's private members (`_ctx`, `_batch`,
+`_model`, samplers) lives here, the way llama-cpp-python keeps its own C wrappers in one file:
+a llama-cpp-python upgrade touches this module only. The KV prefix cache (`p2pcache.kv`) and
+the network (`p2pcache.net`) drive the model through the public methods below.
+
+All methods block (they run the model) and the context is not thread-safe; callers on the
+event loop go through `p2pcache.backend.worker.BackendWorker`, which runs one at a time on a
+worker thread.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 
-from p2pcache.errors import PromptTooLong  # noqa: F401 - re-exported
 from p2pcache.backend.chat_templates import fallback_template
 from p2pcache.backend.logit_checks import CheckReducer, TokenChecks
+from p2pcache.backend.state_buffer import StateBuffer
+from p2pcache.backend.stops import stop_cut
+from p2pcache.backend.types import (
+    BackendConfig,
+    EvalHook,
+    Generation,
+    KvCacheInfo,
+    Score,
+    TokenHook,
+)
+from p2pcache.errors import InvalidRequest, PromptTooLong, StateFormatError
 from p2pcache.keys import SamplingParams
 
 log = logging.getLogger(__name__)
 
 
-TokenHook = Callable[[int], None]
-"""Called on the model's thread with each completion token as it is sampled (live streaming)."""
-
-
-@dataclass(frozen=True)
-class BackendConfig:
-    model_path: Path
-    n_ctx: int = 8192
-    n_batch: int = 512
-    n_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    n_gpu_layers: int | None = None  # None: all layers when llama.cpp has a GPU, else 0
-    flash_attn: bool = False
-    # KV cache element types (llama.cpp GGML_TYPE_*): None = f16. Quantized V (q8_0, q4_0)
-    # needs flash attention; see p2pcache.kv (the types are part of kv_config).
-    type_k: int | None = None
-    type_v: int | None = None
-
-
-@dataclass(frozen=True)
-class Generation:
-    tokens: list[int]
-    text: str
-    finish_reason: str  # "stop" (end of generation or a stop string) | "length"
-    prompt_tokens: int
-    prefill_ms: float
-    decode_ms: float
-
-
-@dataclass(frozen=True)
-class Score:
-    """Teacher-forced scores of a completion after a prompt (`LlamaBackend.score`).
-
-    Position j is the completion's token j, predicted from prompt + completion[:j].
-    ``logprobs[j]``: log p(token j); ``argmax[j]``: the local model's top token there;
-    ``gaps[j]``: logit(argmax) - logit(token j) (0 where the token is the argmax, the
-    "tiny logit gap" a verifier allows for cross-hardware float noise); ``top_ids`` /
-    ``top_logprobs``: the ``top_k`` best tokens per position (empty lists when top_k=0).
-    """
-
-    tokens: list[int]
-    logprobs: list[float]
-    argmax: list[int]
-    gaps: list[float]
-    top_ids: list[list[int]]
-    top_logprobs: list[list[float]]
-    prompt_tokens: int
-    ms: float  # wall time of the prefill and the log-softmax
-
-    @property
-    def mean_logprob(self) -> float:
-        return sum(self.logprobs) / len(self.logprobs) if self.logprobs else 0.0
-
-    @property
-    def argmax_agreement(self) -> float:
-        """Fraction of positions where the completion's token is the local argmax."""
-        if not self.tokens:
-            return 1.0
-        return sum(a == t for a, t in zip(self.argmax, self.tokens)) / len(self.tokens)
-
-
 class LlamaBackend:
-    """One llama.cpp model and context. Not thread-safe: use one caller at a time."""
+    """One llama.cpp model and context. Not thread-safe: use one caller at a time.
+
+    The context holds the KV cells of ``n_tokens`` evaluated positions (`evaluated`). Plain
+    generation starts from none (`generate`); the KV prefix cache loads a stored state
+    (`load_state`), declares what it holds (`resume`) and continues with the same decode loop
+    (`continue_generation`), so both answer alike token for token.
+    """
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
@@ -93,6 +54,7 @@ class LlamaBackend:
         if n_gpu is None:
             n_gpu = -1 if llama_cpp.llama_supports_gpu_offload() else 0
         self.n_gpu_layers = n_gpu
+        # The llama-cpp-python object. Tests and benches may use it; the package does not.
         self.llm = llama_cpp.Llama(
             model_path=str(config.model_path),
             n_ctx=config.n_ctx,
@@ -108,6 +70,10 @@ class LlamaBackend:
         self._vocab = self.llm._model.vocab
         self._chat = self._make_chat_formatter()
 
+    def close(self) -> None:
+        """Free the model and context (the backend is unusable afterwards)."""
+        self.llm.close()
+
     # -- text <-> tokens --------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
         """Plain completion prompt: BOS + text, as llama.cpp's own completion does."""
@@ -115,15 +81,35 @@ class LlamaBackend:
 
     def chat_tokens(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         """Token ids of a conversation after the model's chat template."""
-        rendered = self._chat(messages=list(messages)).prompt
+        try:
+            rendered = self._chat(messages=list(messages)).prompt
+        except ValueError as exc:  # the template's raise_exception(): it refuses these messages
+            raise InvalidRequest(str(exc)) from exc
         # The template renders BOS itself; special tokens in it are real control tokens.
         return self.llm.tokenize(rendered.encode("utf-8"), add_bos=False, special=True)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return self.llm.detokenize(list(tokens)).decode("utf-8", errors="ignore")
+        return self.detokenize_bytes(tokens).decode("utf-8", errors="ignore")
+
+    def detokenize_bytes(self, tokens: Sequence[int]) -> bytes:
+        """The raw bytes of ``tokens`` (a token may end inside a UTF-8 character)."""
+        return self.llm.detokenize(list(tokens))
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    @property
+    def eog_token(self) -> int:
+        """The model's end-of-sequence token (one of its end-of-generation tokens)."""
+        return int(self.llm.token_eos())
+
+    @property
+    def bos_token(self) -> int:
+        return int(self.llm.token_bos())
+
+    @property
+    def n_vocab(self) -> int:
+        return int(self.llm.n_vocab())
 
     def _make_chat_formatter(self) -> Any:  # llama_cpp's Jinja2ChatFormatter
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -141,6 +127,85 @@ class LlamaBackend:
             eos_token=text(self.llm.token_eos()),
             bos_token=text(self.llm.token_bos()),
         )
+
+    # -- the context: evaluated positions and prefill ---------------------------------
+    @property
+    def n_tokens(self) -> int:
+        """Positions the context holds (evaluated or resumed)."""
+        return int(self.llm.n_tokens)
+
+    def evaluated(self) -> list[int]:
+        """The tokens at positions 0..n_tokens-1."""
+        return [int(t) for t in self.llm.input_ids[: self.llm.n_tokens]]
+
+    def reset(self) -> None:
+        """Forget the evaluated positions: the next prefill starts at position 0 and drops
+        the old cells as it goes (cheap: no memory is touched now)."""
+        self.llm.reset()
+
+    def clear_memory(self) -> None:
+        """`reset` and empty the KV memory at once (before or after loading a state, whose
+        cells must not mix with stale ones)."""
+        self.llm.reset()
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm._ctx.ctx), True)
+
+    def resume(self, tokens: Sequence[int]) -> None:
+        """Declare that the context holds ``tokens`` at positions 0.. (after `load_state`
+        loaded their cells, or to cut the live context back to a prefix of what it holds)."""
+        n = len(tokens)
+        self.llm.n_tokens = n
+        self.llm.input_ids[:n] = tokens
+
+    def prefill(self, tokens: Sequence[int], align: int | None = None,
+                on_evaluated: EvalHook | None = None) -> None:
+        """Evaluate ``tokens[n_tokens:]`` (the context must hold ``tokens[:n_tokens]``) in
+        decodes that end at absolute multiples of ``align`` (default n_batch, at most
+        n_batch): a resumed prefill then runs the cold run's batches, so the numerics match.
+        ``on_evaluated(n_tokens)`` runs after each decode."""
+        llm = self.llm
+        step = min(align or self.config.n_batch, self.config.n_batch)
+        pos = llm.n_tokens
+        while pos < len(tokens):
+            end = min(len(tokens), (pos // step + 1) * step)
+            llm.eval(tokens[pos:end])
+            pos = end
+            if on_evaluated is not None:
+                on_evaluated(pos)
+
+    def last_logits(self) -> np.ndarray:
+        """A copy of the logits after the last evaluated position (they predict the next token)."""
+        ptr = llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    # -- the per-sequence KV state (p2pcache.kv cuts it into chunks) ---------------------
+    def kv_cache_info(self) -> KvCacheInfo:
+        params = self.llm.context_params
+        return KvCacheInfo(
+            n_swa=int(llama_cpp.llama_model_n_swa(self.llm._model.model)),
+            swa_full=bool(params.swa_full),
+            type_k=int(params.type_k),
+            type_v=int(params.type_v),
+        )
+
+    def read_state(self, buf: StateBuffer, swa_only: bool = False) -> memoryview:
+        """Sequence 0's state, written into ``buf`` (grown if needed); a view of its bytes,
+        valid until ``buf`` is written again. ``swa_only``: only the windowed layers' cache
+        (a partial read, a few MB)."""
+        ctx = self.llm._ctx.ctx
+        flags = llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY if swa_only else 0
+        n = llama_cpp.llama_state_seq_get_size_ext(ctx, 0, flags)
+        buf.ensure(n)
+        got = llama_cpp.llama_state_seq_get_data_ext(ctx, buf.array, n, 0, flags)
+        if got != n:
+            raise StateFormatError(f"llama.cpp wrote {got} state bytes, announced {n}")
+        return buf.view(n)
+
+    def load_state(self, buf: StateBuffer, size: int) -> bool:
+        """Load the first ``size`` bytes of ``buf`` as sequence 0's state. False: llama.cpp
+        refused it (the memory may then hold part of it: `clear_memory` before a prefill).
+        Follow with `resume` to say which tokens the loaded cells hold."""
+        got = llama_cpp.llama_state_seq_set_data_ext(self.llm._ctx.ctx, buf.array, size, 0, 0)
+        return bool(got == size)
 
     # -- generation -------------------------------------------------------------------
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
@@ -160,21 +225,29 @@ class LlamaBackend:
         if not prompt:
             raise ValueError("empty prompt")
         self.check_fits(len(prompt), params.max_tokens)
-        llm = self.llm
-        llm.reset()  # n_tokens = 0: eval() below clears the whole KV cache first
-        llm.set_seed(params.seed)
-        grammar = llama_cpp.LlamaGrammar.from_string(params.grammar, verbose=False) if params.grammar else None
-        sampler = llm._init_sampler(
-            top_k=params.top_k,
-            top_p=params.top_p,
-            min_p=params.min_p,
-            temp=params.temperature,
-            repeat_penalty=params.repeat_penalty,
-            grammar=grammar,
-        )
-        t0 = time.perf_counter()
-        llm.eval(prompt)
-        token = sampler.sample(llm._ctx, -1)
+        self.reset()  # n_tokens = 0: the prefill clears the old cells as it goes
+        return self.continue_generation(prompt, params, on_token)
+
+    def continue_generation(
+        self, prompt: Sequence[int], params: SamplingParams, on_token: TokenHook | None = None,
+        *, align: int | None = None, on_evaluated: EvalHook | None = None,
+        started: float | None = None,
+    ) -> Generation:
+        """The decode loop of plain and KV-resumed generation: prefill what the context lacks
+        of ``prompt`` (it holds ``prompt[:n_tokens]``, at least one token short), then sample
+        until end of generation, a stop string or ``max_tokens``.
+
+        ``align`` and ``on_evaluated`` as in `prefill` (``on_evaluated`` also runs after each
+        decoded token); ``started``: the `time.perf_counter` the prefill time counts from
+        (a restore before this call belongs to it)."""
+        prompt = list(prompt)
+        if self.n_tokens >= len(prompt):
+            raise ValueError("the context must lack at least one prompt token (its logits)")
+        sampler = self._sampler(params)
+        t0 = time.perf_counter() if started is None else started
+        self.prefill(prompt, align, on_evaluated)
+        llm, ctx = self.llm, self.llm._ctx
+        token = sampler.sample(ctx, -1)
         t1 = time.perf_counter()
         out: list[int] = []
         finish = "length"
@@ -188,14 +261,16 @@ class LlamaBackend:
                 on_token(token)
             if params.stop:
                 so_far = self.detokenize(out)
-                cut = min((i for s in params.stop if (i := so_far.find(s)) >= 0), default=-1)
+                cut = stop_cut(so_far, params.stop)
                 if cut >= 0:
                     cut_text, finish = so_far[:cut], "stop"
                     break
             if len(out) >= params.max_tokens:
                 break
             llm.eval([token])
-            token = sampler.sample(llm._ctx, -1)
+            if on_evaluated is not None:
+                on_evaluated(llm.n_tokens)
+            token = sampler.sample(ctx, -1)
         t2 = time.perf_counter()
         return Generation(
             tokens=out,
@@ -204,6 +279,22 @@ class LlamaBackend:
             prompt_tokens=len(prompt),
             prefill_ms=(t1 - t0) * 1000,
             decode_ms=(t2 - t1) * 1000,
+        )
+
+    def _sampler(self, params: SamplingParams) -> Any:  # llama_cpp's LlamaSampler chain
+        """llama-cpp-python's sampler chain for ``params``, seeded from ``params.seed``."""
+        llm = self.llm
+        llm.set_seed(params.seed)
+        grammar = None
+        if params.grammar:
+            grammar = llama_cpp.LlamaGrammar.from_string(params.grammar, verbose=False)
+        return llm._init_sampler(
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=params.min_p,
+            temp=params.temperature,
+            repeat_penalty=params.repeat_penalty,
+            grammar=grammar,
         )
 
     # -- teacher-forced scoring (verification and quality gates) --------------------------
@@ -220,8 +311,6 @@ class LlamaBackend:
         ``prompt + completion[:-1]`` (``llm.n_tokens`` / ``input_ids`` kept consistent).
         Logits are requested only at the completion positions, ``chunk`` rows at a time
         (a Gemma 3 row is 262k floats = 1 MiB). ``merged=True`` batches as `check` does."""
-        import numpy as np
-
         completion = list(completion)
         n_vocab = self.llm.n_vocab()
         t0 = time.perf_counter()
@@ -307,8 +396,6 @@ class LlamaBackend:
         tokens per decode. ``merged=True``: one token stream cut into decodes of at most
         n_batch tokens, each ending after ``step`` logit rows (the first rows ride with the
         prompt). The batching changes llama.cpp's float rounding, not what is computed."""
-        import numpy as np
-
         prompt = list(prompt)
         if not prompt:
             raise ValueError("empty prompt")

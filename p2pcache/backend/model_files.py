@@ -6,6 +6,7 @@ import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
+
 from p2pcache.errors import ModelNotFound  # noqa: F401 - re-exported
 
 ProgressFn = Callable[[int, int], None]

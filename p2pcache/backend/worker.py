@@ -7,8 +7,9 @@ from typing import TypeVar
 
 import trio
 
+from p2pcache.backend.llama_backend import LlamaBackend
+from p2pcache.backend.types import Generation, Score, TokenHook
 from p2pcache.errors import Overloaded, QueueFull, QueueTimeout, ShuttingDown  # noqa: F401 - re-exported
-from p2pcache.backend.llama_backend import Generation, LlamaBackend, Score, TokenHook
 from p2pcache.keys import SamplingParams
 
 T = TypeVar("T")
@@ -40,16 +41,16 @@ class BackendWorker:
         for scope in self._wait_scopes:
             scope.cancel()
 
-    async def _acquire(self) -> None:
+    async def _acquire(self, bounded: bool = True) -> None:
         if self._closing:
             raise ShuttingDown("the node is shutting down")
-        if self.max_waiting is not None and self.waiting >= self.max_waiting and (
+        if bounded and self.max_waiting is not None and self.waiting >= self.max_waiting and (
             self.running or self.waiting
         ):
             raise QueueFull(f"the model queue is full ({self.waiting} requests waiting)")
         self.waiting += 1
         scope = trio.CancelScope()
-        if self.max_wait_s is not None:
+        if bounded and self.max_wait_s is not None:
             scope.deadline = trio.current_time() + self.max_wait_s
         self._wait_scopes.add(scope)
         try:
@@ -63,8 +64,11 @@ class BackendWorker:
                 raise ShuttingDown("the node is shutting down")
             raise QueueTimeout(f"waited more than {self.max_wait_s:g} s for the model")
 
-    async def run(self, fn: Callable[[], T]) -> T:
-        await self._acquire()
+    async def run(self, fn: Callable[[], T], *, bounded: bool = True) -> T:
+        """``fn()`` on the worker thread. ``bounded=False``: a short call every request makes
+        (tokenizing) waits like any call and fails on shutdown, but is never refused for a full
+        queue or a long wait: a cache hit is not turned away because the model is busy."""
+        await self._acquire(bounded)
         self.running = True
         try:
             # Not abandoned on cancel: the thread owns the llama context until it returns.

@@ -41,8 +41,8 @@ def chat(
     temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0)] = 0.0,
     seed: Annotated[int, typer.Option(min=0)] = 0,
     share: Annotated[bool, typer.Option("--share/--private")] = False,
-    n_ctx: Annotated[int, typer.Option("--n-ctx", min=256)] = 8192,
-    kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16, q8_0, q4_0.")] = "f16",
+    n_ctx: Annotated[int, typer.Option("--n-ctx", min=256)] = NodeOptions.n_ctx,
+    kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16, q8_0, q4_0.")] = NodeOptions.kv_type,
     data_dir: DataDirOpt = None,
     json: JsonOpt = False,
 ) -> None:

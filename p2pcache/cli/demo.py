@@ -143,7 +143,7 @@ def demo(
         for col, just in (("#", "right"), ("node", "left"), ("request", "left"), ("level", "left"),
                           ("ms", "right"), ("tokens", "right"), ("answer", "left")):
             table.add_column(col, justify=just, no_wrap=col != "answer", overflow="fold" if col == "answer" else "ellipsis")
-        for i, (node, what, prompt, r) in enumerate(rows, 1):
+        for i, (node, what, _prompt, r) in enumerate(rows, 1):
             lvl = r["level"]
             note = LEVEL_NOTE.get(lvl, "")
             if r["x"] and r["x"].get("single_flight"):

@@ -10,7 +10,15 @@ import typer
 
 from p2pcache.backend import ModelNotFound, PromptTooLong
 from p2pcache.cli import cache, chat, demo, net, node
-from p2pcache.cli.common import DataDirOpt, JsonOpt, err_console, fail, out_console, print_json, setup_logging
+from p2pcache.cli.common import (
+    DataDirOpt,
+    JsonOpt,
+    err_console,
+    fail,
+    out_console,
+    print_json,
+    setup_logging,
+)
 from p2pcache.cli.progress import progress_bars
 from p2pcache.keys import SamplingParams
 from p2pcache.local import LocalNode, NodeOptions
@@ -80,8 +88,8 @@ def generate(
         bool, typer.Option("--semantic", help="Allow L1: reuse a paraphrase's answer if the quality gate agrees.")
     ] = False,
     tau: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="L1 similarity threshold.")] = None,
-    n_ctx: Annotated[int, typer.Option("--n-ctx", min=256, help="Context window in tokens.")] = 8192,
-    kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16, q8_0, q4_0 (part of kv_config).")] = "f16",
+    n_ctx: Annotated[int, typer.Option("--n-ctx", min=256, help="Context window in tokens.")] = NodeOptions.n_ctx,
+    kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16, q8_0, q4_0 (part of kv_config).")] = NodeOptions.kv_type,
     data_dir: DataDirOpt = None,
     json: JsonOpt = False,
 ) -> None:

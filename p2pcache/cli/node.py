@@ -20,6 +20,11 @@ app = typer.Typer(help="Run a p2pcache node (HTTP API + cache + network) and ins
 _ENV_HELP = ", ".join(env_name(k) for k in NodeConfig.model_fields)
 
 
+def _default(key: str) -> Any:
+    """A config key's default, for help texts (defined once, in `NodeConfig`)."""
+    return NodeConfig.model_fields[key].default
+
+
 def _flags(**kw: Any) -> dict[str, Any]:
     """Flags as config values: unset flags (None, or an empty repeatable option) are left out."""
     return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in kw.items()
@@ -45,15 +50,15 @@ def run(
     config: ConfigOpt = None,
     data_dir: NodeDataDirOpt = None,
     listen: Annotated[Optional[list[str]], typer.Option("--listen", help="libp2p listen multiaddr (repeatable).")] = None,
-    http: Annotated[Optional[str], typer.Option("--http", help="HTTP API HOST:PORT (default: 127.0.0.1:8080; port 0: any).")] = None,
+    http: Annotated[Optional[str], typer.Option("--http", help=f"HTTP API HOST:PORT (default: {_default('http')}; port 0: any).")] = None,
     bootstrap: Annotated[Optional[list[str]], typer.Option("--bootstrap", help="Bootstrap multiaddr ending in /p2p/<id> (repeatable).")] = None,
     bootstrap_http: Annotated[Optional[list[str]], typer.Option("--bootstrap-http", help="Use the p2p addrs of the node at this HTTP URL as bootstrap (repeatable).")] = None,
     model: Annotated[Optional[Path], typer.Option("--model", help="GGUF model file (default: embedded Gemma 3 270M Q4_K_M).")] = None,
     share_by_default: Annotated[Optional[bool], typer.Option("--share-by-default/--private-by-default", help="Share entries with peers unless a request says otherwise (default: private).", show_default=False)] = None,
-    max_queue: Annotated[Optional[int], typer.Option("--max-queue", help="Requests that may wait for the model; more get HTTP 429 (default: 16).")] = None,
-    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", help="Context window in tokens (default: 8192).")] = None,
-    log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug, info, warning or error (default: info).")] = None,
-    log_format: Annotated[Optional[str], typer.Option("--log-format", help="json (one object per line) or text (default: json).")] = None,
+    max_queue: Annotated[Optional[int], typer.Option("--max-queue", help=f"Requests that may wait for the model; more get HTTP 429 (default: {_default('max_queue')}).")] = None,
+    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", help=f"Context window in tokens (default: {_default('n_ctx')}).")] = None,
+    log_level: Annotated[Optional[str], typer.Option("--log-level", help=f"debug, info, warning or error (default: {_default('log_level')}).")] = None,
+    log_format: Annotated[Optional[str], typer.Option("--log-format", help=f"json (one object per line) or text (default: {_default('log_format')}).")] = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the merged config as TOML and exit.")] = False,
 ) -> None:
     """Run a node until SIGINT/SIGTERM.
@@ -76,8 +81,8 @@ def run(
     import trio
 
     from p2pcache.backend import ModelNotFound
+    from p2pcache.logs import setup_node_logging
     from p2pcache.node.daemon import run_node
-    from p2pcache.node.logs import setup_node_logging
 
     setup_node_logging(cfg.log_level, cfg.log_format)
     try:

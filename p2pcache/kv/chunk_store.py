@@ -1,4 +1,4 @@
-"""KV chunks in named databases of the node's LMDB environment (`Store.env`).
+"""KV chunks in named databases of the node's LMDB environment (`Store.env`, an `LmdbEnv`).
 
 - ``kv_chunks``: chunk hash (32 bytes) -> ``version | xxh3-128(hash || payload) | u32 tokens |
   payload``. The checksum is xxh3 rather than blake2b because a 2k-token restore reads ~38 MB
@@ -35,7 +35,7 @@ import xxhash
 
 from p2pcache.errors import CorruptChunk  # noqa: F401 - re-exported
 from p2pcache.store import Store
-from p2pcache.store.records import now_ms
+from p2pcache.store.lmdb_env import Counters, Schema, now_ms, unpack_u64
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ COUNTERS = (
     "chunks", "bytes", "chunk_puts", "logical_bytes", "evictions", "corrupt_dropped",
     "lookups", "lookup_hits", "lookup_tokens", "restored_tokens",
 )
+SCHEMA = Schema("kv", ("kv_chunks", "kv_use", "kv_meta", "kv_shared"))
 
 
 @dataclass(frozen=True)
@@ -77,20 +78,21 @@ class KvStats:
         return self.restored_tokens / self.lookup_tokens if self.lookup_tokens else 0.0
 
 
-def _u64(v: bytes | None) -> int:
-    return int.from_bytes(v, "little") if v else 0
-
-
 def _use(at_ms: int, depth: int) -> bytes:
     return _USE.pack(at_ms, depth)
 
 
-def _rank(v: bytes) -> tuple[int, int]:
-    """Eviction order: lowest first (oldest use, then deepest chunk)."""
+def _last_use(v: bytes | memoryview) -> tuple[int, int]:
+    """(last use ms, depth) of a ``kv_use`` value."""
     if len(v) >= _USE.size:
         at, depth = _USE.unpack_from(v, 0)
-    else:  # an 8-byte value of an older store: no depth
-        at, depth = _u64(v), 0
+        return at, depth
+    return unpack_u64(v), 0  # an 8-byte value of an older store: no depth
+
+
+def _rank(v: bytes) -> tuple[int, int]:
+    """Eviction order: lowest first (oldest use, then deepest chunk)."""
+    at, depth = _last_use(v)
     return at, -depth
 
 
@@ -134,13 +136,16 @@ class KvChunkStore:
         # Default: half the store's cap, so entries and chunks together stay well inside the
         # LMDB map (2x the store cap).
         self.size_cap = int(size_cap if size_cap is not None else store.size_cap // 2)
-        self._chunks = self.env.open_db(b"kv_chunks")
-        self._use = self.env.open_db(b"kv_use")
-        self._meta = self.env.open_db(b"kv_meta")
-        self._shared = self.env.open_db(b"kv_shared")
+        dbs = self.env.open(SCHEMA)
+        self._chunks = dbs["kv_chunks"]
+        self._use = dbs["kv_use"]
+        self._meta = dbs["kv_meta"]
+        self._shared = dbs["kv_shared"]
+        self._counters = Counters(self._meta)
         self._lock = threading.Lock()
         self._pending_use: dict[bytes, tuple[int, int]] = {}
         self._pending_counts: dict[str, int] = {}
+        self.env.on_close(self.flush)  # buffered uses and lookup counters
 
     # -- reads -------------------------------------------------------------------------
     def read_prefix(
@@ -162,7 +167,8 @@ class KvChunkStore:
                 try:
                     payload = unframe(h, raw)
                     if len(payload) != expected_bytes:
-                        raise CorruptChunk(f"{len(payload)} payload bytes, expected {expected_bytes}")
+                        raise CorruptChunk(
+                            f"{len(payload)} payload bytes, expected {expected_bytes}")
                 except CorruptChunk as exc:
                     bad.append((h, str(exc)))
                     break
@@ -211,7 +217,7 @@ class KvChunkStore:
                 use = txn.get(k, db=self._use)
                 if use is None or txn.get(k, db=self._chunks) is None:
                     continue
-                at, depth = _USE.unpack_from(use, 0) if len(use) >= _USE.size else (_u64(use), 0)
+                at, depth = _last_use(use)
                 rows.append((at, bytes(k), depth))
         rows.sort(reverse=True)
         return [(h, d) for _, h, d in rows[:limit]]
@@ -236,8 +242,8 @@ class KvChunkStore:
                 txn.delete(h, db=self._shared)
                 if raw is not None:
                     txn.delete(h, db=self._chunks)
-                    self._add(txn, "chunks", -1)
-                    self._add(txn, "bytes", -len(raw))
+                    self._counters.add(txn, "chunks", -1)
+                    self._counters.add(txn, "bytes", -len(raw))
                     n += 1
         return n
 
@@ -250,7 +256,9 @@ class KvChunkStore:
             c["restored_tokens"] = c.get("restored_tokens", 0) + restored_tokens
 
     # -- writes ------------------------------------------------------------------------
-    def put_many(self, chunks: Sequence[NewChunk], offered_bytes: int, used_at: int | None = None) -> int:
+    def put_many(
+        self, chunks: Sequence[NewChunk], offered_bytes: int, used_at: int | None = None
+    ) -> int:
         """Store new chunks (in chain order) in one transaction, stamped as used at
         ``used_at`` (ms; the request's lookup time, so its restored head and its new tail
         rank as one use). Counts ``offered_bytes`` (every chunk of the prefix, stored or
@@ -284,8 +292,8 @@ class KvChunkStore:
                 if txn.get(h, db=self._chunks) is not None:
                     txn.put(h, _use(t, depth), db=self._use)
             for name, delta in counts.items():
-                self._add(txn, name, delta)
-            total = _u64(txn.get(b"bytes", db=self._meta))
+                self._counters.add(txn, name, delta)
+            total = self._counters.get(txn, "bytes")
             cap = min(self.size_cap, int(total * 0.75)) if aggressive else self.size_cap
             if aggressive:  # the map is full: free a quarter of what is stored first
                 total = self._evict(txn, total, cap, None)
@@ -296,8 +304,7 @@ class KvChunkStore:
                     continue
                 if total + len(value) > cap:
                     if victims is None:  # least valuable first; a full scan, see _evict
-                        victims = sorted((_rank(bytes(v)), bytes(k)) for k, v in txn.cursor(db=self._use))
-                        victims.reverse()  # pop() from the end
+                        victims = self._victims(txn)
                     total = self._evict(txn, total, cap - len(value), (at, -depth), victims)
                     if total + len(value) > cap:
                         # Everything left is worth more than this chunk (and the chunks after
@@ -305,12 +312,12 @@ class KvChunkStore:
                         break
                 txn.put(h, value, db=self._chunks)
                 txn.put(h, _use(at, depth), db=self._use)
-                self._add(txn, "chunks", 1)
-                self._add(txn, "bytes", len(value))
+                self._counters.add(txn, "chunks", 1)
+                self._counters.add(txn, "bytes", len(value))
                 total += len(value)
                 added += len(value)
-            self._add(txn, "chunk_puts", n_offered)
-            self._add(txn, "logical_bytes", offered_bytes)
+            self._counters.add(txn, "chunk_puts", n_offered)
+            self._counters.add(txn, "logical_bytes", offered_bytes)
         return added
 
     def flush(self) -> None:
@@ -322,7 +329,7 @@ class KvChunkStore:
 
     def purge(self) -> int:
         with self.env.begin(write=True) as txn:
-            n = _u64(txn.get(b"chunks", db=self._meta))
+            n = self._counters.get(txn, "chunks")
             txn.drop(self._chunks, delete=False)
             txn.drop(self._use, delete=False)
             txn.drop(self._meta, delete=False)
@@ -331,15 +338,15 @@ class KvChunkStore:
 
     def stats(self) -> KvStats:
         self.flush()
-        with self.env.begin(db=self._meta) as txn:
-            c = {name: _u64(txn.get(name.encode())) for name in COUNTERS}
+        with self.env.begin() as txn:
+            c = self._counters.read(txn, COUNTERS)
         return KvStats(size_cap=self.size_cap, **c)
 
     # -- internals ---------------------------------------------------------------------
-    def _add(self, txn: lmdb.Transaction, name: str, delta: int) -> None:
-        if delta:
-            key = name.encode()
-            txn.put(key, max(0, _u64(txn.get(key, db=self._meta)) + delta).to_bytes(8, "little"), db=self._meta)
+    def _victims(self, txn: lmdb.Transaction) -> list[tuple[tuple[int, int], bytes]]:
+        """Every chunk by eviction rank, the least valuable last (for pop())."""
+        rows = ((_rank(bytes(v)), bytes(k)) for k, v in txn.cursor(db=self._use))
+        return sorted(rows, reverse=True)
 
     def _evict(
         self,
@@ -353,7 +360,7 @@ class KvChunkStore:
         only chunks ranked below it. Returns the new total. A full scan of kv_use: chunks
         are large (hundreds of KB), so even a big store has few of them."""
         if victims is None:
-            victims = sorted(((_rank(bytes(v)), bytes(k)) for k, v in txn.cursor(db=self._use)), reverse=True)
+            victims = self._victims(txn)
         while total > target and victims:
             rank, h = victims[-1]
             if worth is not None and rank >= worth:
@@ -366,9 +373,9 @@ class KvChunkStore:
                 continue
             txn.delete(h, db=self._chunks)
             total -= len(raw)
-            self._add(txn, "chunks", -1)
-            self._add(txn, "bytes", -len(raw))
-            self._add(txn, "evictions", 1)
+            self._counters.add(txn, "chunks", -1)
+            self._counters.add(txn, "bytes", -len(raw))
+            self._counters.add(txn, "evictions", 1)
         return total
 
     def _drop_corrupt(self, h: bytes, reason: str) -> None:
@@ -380,8 +387,8 @@ class KvChunkStore:
                     txn.delete(h, db=self._chunks)
                     txn.delete(h, db=self._use)
                     txn.delete(h, db=self._shared)
-                    self._add(txn, "chunks", -1)
-                    self._add(txn, "bytes", -len(raw))
-                    self._add(txn, "corrupt_dropped", 1)
+                    self._counters.add(txn, "chunks", -1)
+                    self._counters.add(txn, "bytes", -len(raw))
+                    self._counters.add(txn, "corrupt_dropped", 1)
         except lmdb.Error as exc:
             log.warning("could not drop corrupt chunk: %s", exc)

@@ -1,8 +1,8 @@
 """Generation that resumes from the longest stored KV prefix and stores new prefix chunks.
 
-Runs on the backend's worker thread (it drives the llama context directly); see
-`KvPrefixCache.generate`. The decode loop mirrors `LlamaBackend.generate` exactly (same
-sampler chain, stop handling and finish reasons), so a request answers the same with or
+Runs on the backend's worker thread (it drives the llama context through `LlamaBackend`'s
+KV-state methods); see `KvPrefixCache.generate`. The decode loop is `LlamaBackend`'s own
+(`continue_generation`, the loop `generate` runs too), so a request answers the same with or
 without a stored prefix: resumed greedy output equals the cold run, token for token (tested).
 
 Why rows and not whole states: Gemma 3's sliding-window layers keep only the last n_swa
@@ -23,14 +23,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import llama_cpp
 import numpy as np
 
-from p2pcache.backend.llama_backend import Generation, LlamaBackend, TokenHook
+from p2pcache.backend import Generation, LlamaBackend, TokenHook
 from p2pcache.keys import SamplingParams
 from p2pcache.kv.chain import KvConfig, chunk_hashes
 from p2pcache.kv.chunk_store import KvChunkStore, NewChunk
-from p2pcache.store.records import now_ms
 from p2pcache.kv.state_format import (
     Section,
     StateBuffer,
@@ -40,6 +38,7 @@ from p2pcache.kv.state_format import (
     parse_state,
     v_cells,
 )
+from p2pcache.store.records import now_ms
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +100,9 @@ class KvPrefixCache:
         self.policy = policy
         self.buf = StateBuffer()
         self._zeros = np.zeros(0, np.uint8)
-        llm = backend.llm
-        self._ctx = llm._ctx.ctx
-        self.n_swa = int(llama_cpp.llama_model_n_swa(llm._model.model))
-        self.swa_full = bool(llm.context_params.swa_full)
+        info = backend.kv_cache_info()
+        self.n_swa = info.n_swa
+        self.swa_full = info.swa_full
         self.n_batch = backend.config.n_batch
         c = policy.chunk_tokens
         if c <= 0 or self.n_batch % c:
@@ -123,12 +121,11 @@ class KvPrefixCache:
             except StateFormatError as exc:
                 log.warning("KV prefix cache disabled for this model: %s", exc)
         if self.layout is not None:
-            params = llm.context_params
             self.config = KvConfig(
                 model_hash=model_hash,
                 chunk_tokens=c,
-                type_k=GGML_TYPE_NAMES.get(int(params.type_k), str(int(params.type_k))),
-                type_v=GGML_TYPE_NAMES.get(int(params.type_v), str(int(params.type_v))),
+                type_k=GGML_TYPE_NAMES.get(info.type_k, str(info.type_k)),
+                type_v=GGML_TYPE_NAMES.get(info.type_v, str(info.type_v)),
                 flash_attn=bool(backend.config.flash_attn),
                 n_batch=self.n_batch,
                 n_swa=self.n_swa,
@@ -140,24 +137,15 @@ class KvPrefixCache:
     def _probe_layout(self) -> StateLayout:
         """Evaluate one token and read the state back: the layout llama.cpp writes for this
         model and context (cache count, layer types, V transposed or not)."""
-        llm = self.backend.llm
-        llm.reset()
-        llm.eval([llm.token_bos()])
-        layout, sections = parse_state(self._read_state(0))
-        llm.reset()
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+        backend = self.backend
+        backend.reset()
+        backend.prefill([backend.bos_token])
+        layout, sections = parse_state(backend.read_state(self.buf))
+        backend.clear_memory()
         want = 2 if self.n_swa > 0 else 1
         if len(sections) != want:
             raise StateFormatError(f"{len(sections)} KV caches for n_swa={self.n_swa} (expected {want})")
         return layout
-
-    def _read_state(self, flags: int) -> memoryview:
-        n = llama_cpp.llama_state_seq_get_size_ext(self._ctx, 0, flags)
-        self.buf.ensure(n)
-        got = llama_cpp.llama_state_seq_get_data_ext(self._ctx, self.buf.array, n, 0, flags)
-        if got != n:
-            raise StateFormatError(f"llama.cpp wrote {got} state bytes, announced {n}")
-        return self.buf.view(n)
 
     # -- restore -------------------------------------------------------------------------
     def _restore(self, payloads: list[memoryview]) -> bool:
@@ -200,9 +188,8 @@ class KvPrefixCache:
                 sec_rows.append((ks, vs))
             rows.append(sec_rows)
         size = build_state(self.layout, positions, rows, self.buf)
-        got = llama_cpp.llama_state_seq_set_data_ext(self._ctx, self.buf.array, size, 0, 0)
-        if got != size:
-            log.error("llama.cpp refused a rebuilt KV state (%d of %d bytes); prefilling instead", got, size)
+        if not self.backend.load_state(self.buf, size):
+            log.error("llama.cpp refused a rebuilt KV state (%d bytes); prefilling instead", size)
             return False
         return True
 
@@ -238,11 +225,11 @@ class KvPrefixCache:
         """Copy the windowed layers' rows of wanted chunks that are complete and inside the
         window now (a partial state read: only the SWA cache, a few MB)."""
         c = self.policy.chunk_tokens
-        n_now = self.backend.llm.n_tokens
+        n_now = self.backend.n_tokens
         todo = [i for i in want if i not in got and (i + 1) * c <= n_now]
         if not todo:
             return
-        _, (sec,) = parse_state(self._read_state(llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY), n_sections=1)
+        _, (sec,) = parse_state(self.backend.read_state(self.buf, swa_only=True), n_sections=1)
         self._take_rows(sec, todo, got)
 
     def _take_rows(self, sec: Section, todo: list[int], got: dict[int, list[tuple[bytes, bytes]]]) -> None:
@@ -271,7 +258,7 @@ class KvPrefixCache:
         pending = PendingChunks(offered_bytes=n_chunks * self.chunk_bytes, used_at=used_at)
         if not want:
             return pending
-        _, sections = parse_state(self._read_state(0), n_sections=len(self.layout.sections))
+        _, sections = parse_state(self.backend.read_state(self.buf), n_sections=len(self.layout.sections))
         base = sections[0]
         if len(base.positions) < n_chunks * c or np.any(base.positions[: n_chunks * c] != np.arange(n_chunks * c)):
             log.warning("KV state does not hold positions 0..%d in order; not storing", n_chunks * c)
@@ -300,7 +287,7 @@ class KvPrefixCache:
         self, prompt: Sequence[int], params: SamplingParams, on_token: TokenHook | None = None
     ) -> PrefixGeneration:
         """``on_token``: as in `LlamaBackend.generate` (each token as it is sampled)."""
-        backend, llm = self.backend, self.backend.llm
+        backend = self.backend
         prompt = list(prompt)
         if not prompt:
             raise ValueError("empty prompt")
@@ -312,18 +299,8 @@ class KvPrefixCache:
         used_at = now_ms()
         # Restore: the longest stored prefix that leaves at least one token to evaluate
         # (its logits give the first output token).
-        hashes = chunk_hashes(self.config, prompt, (len(prompt) - 1) // c)
-        n_restored = 0
-        if hashes:
-            n, ok = self.chunks.read_prefix(hashes, self.chunk_bytes, self._restore)
-            n_restored = n if ok else 0
-        start = n_restored * c
-        if start:
-            llm.n_tokens = start
-            llm.input_ids[:start] = prompt[:start]
-        else:
-            llm.reset()
-            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+        start = self._restore_prefix(prompt, (len(prompt) - 1) // c)
+        n_restored = start // c
         t_restored = time.perf_counter()
         self.chunks.count_lookup(len(prompt), start)
 
@@ -336,49 +313,19 @@ class KvPrefixCache:
         want = {i for i, k in zip(candidates, known) if not k} | {i for i in candidates if i >= len(prompt_hashes)}
         swa_rows: dict[int, list[tuple[bytes, bytes]]] = {}
         windowed = len(self.layout.sections) == 2 if self.layout else False
-
-        llm.set_seed(params.seed)
-        grammar = llama_cpp.LlamaGrammar.from_string(params.grammar, verbose=False) if params.grammar else None
-        sampler = llm._init_sampler(
-            top_k=params.top_k, top_p=params.top_p, min_p=params.min_p, temp=params.temperature,
-            repeat_penalty=params.repeat_penalty, grammar=grammar,
-        )
-        # Prefill the rest in batches aligned to absolute multiples of capture_every (the
-        # cold run's batches, so the numerics match; and the capture points).
-        pos = start
         a = self.capture_every
-        while pos < len(prompt):
-            end = min(len(prompt), (pos // a + 1) * a)
-            llm.eval(prompt[pos:end])
-            pos = end
-            if windowed and want and pos % a == 0:
+
+        def capture(n_tokens: int) -> None:
+            # Windowed rows leave the window as positions advance: take them at each multiple
+            # of capture_every (where the prefill batches end, and during decode).
+            if n_tokens % a == 0:
                 self._capture_window(want, swa_rows)
-        token = sampler.sample(llm._ctx, -1)
-        t1 = time.perf_counter()
-        out: list[int] = []
-        finish = "length"
-        cut_text: str | None = None
-        while True:
-            if backend.is_eog(token):
-                finish = "stop"
-                break
-            out.append(token)
-            if on_token is not None:
-                on_token(token)
-            if params.stop:
-                so_far = backend.detokenize(out)
-                cut = min((i for s in params.stop if (i := so_far.find(s)) >= 0), default=-1)
-                if cut >= 0:
-                    cut_text, finish = so_far[:cut], "stop"
-                    break
-            if len(out) >= params.max_tokens:
-                break
-            llm.eval([token])
-            if windowed and want and llm.n_tokens % a == 0:
-                self._capture_window(want, swa_rows)
-            token = sampler.sample(llm._ctx, -1)
-        t2 = time.perf_counter()
-        evaluated = [int(t) for t in llm.input_ids[: llm.n_tokens]]
+
+        gen = backend.continue_generation(
+            prompt, params, on_token, align=a, on_evaluated=capture if windowed and want else None,
+            started=t0,
+        )
+        evaluated = backend.evaluated()
         if not self.policy.store_generated:
             evaluated = evaluated[: len(prompt)]
         evaluated = evaluated[: (limit // c) * c]
@@ -387,15 +334,54 @@ class KvPrefixCache:
         except StateFormatError as exc:
             log.warning("could not capture KV chunks: %s", exc)
             pending = PendingChunks()
-        gen = Generation(
-            tokens=out,
-            text=cut_text if cut_text is not None else backend.detokenize(out),
-            finish_reason=finish,
-            prompt_tokens=len(prompt),
-            prefill_ms=(t1 - t0) * 1000,
-            decode_ms=(t2 - t1) * 1000,
-        )
         return PrefixGeneration(gen, start, (t_restored - t0) * 1000, pending)
+
+    def _restore_prefix(self, tokens: Sequence[int], max_chunks: int) -> int:
+        """Load the longest stored prefix of ``tokens`` (at most ``max_chunks`` chunks) into
+        the context, or empty it when there is none; returns the positions it now holds."""
+        assert self.config is not None
+        c = self.policy.chunk_tokens
+        hashes = chunk_hashes(self.config, tokens, max_chunks)
+        n_restored = 0
+        if hashes:
+            n, ok = self.chunks.read_prefix(hashes, self.chunk_bytes, self._restore)
+            n_restored = n if ok else 0
+        start = n_restored * c
+        if start:
+            self.backend.resume(tokens[:start])
+        else:
+            self.backend.clear_memory()
+        return start
+
+    # -- spot-check ------------------------------------------------------------------------
+    def spot_check(self, tokens: Sequence[int], n_chunks: int) -> float | None:
+        """Max |logit difference| after the first ``n_chunks`` stored chunks of ``tokens``
+        (and the prompt up to the next capture boundary) vs a cold prefill of the same tokens
+        (inf: NaN or inf logits). Checks chunks fetched from a peer; on the same hardware good
+        chunks give identical logits. None: the prefix could not be restored from the local
+        store (a chunk evicted meanwhile, or not stored for the cap): nothing to blame.
+        Runs the model: call it on the backend's worker thread."""
+        start = n_chunks * self.policy.chunk_tokens
+        upto = min(len(tokens), (start // self.capture_every + 1) * self.capture_every)
+        head = list(tokens[:upto])
+        restored = self._next_logits(head, n_chunks)
+        if restored is None:
+            return None
+        cold = self._next_logits(head, 0)
+        assert cold is not None
+        diff = float(np.max(np.abs(restored - cold)))
+        return diff if np.isfinite(diff) else float("inf")
+
+    def _next_logits(self, tokens: list[int], n_chunks: int) -> np.ndarray | None:
+        """Logits after ``tokens``, starting from exactly the first ``n_chunks`` stored chunks
+        (0: a cold prefill), prefilled in `generate`'s aligned batches."""
+        if n_chunks:
+            if self._restore_prefix(tokens, n_chunks) != n_chunks * self.policy.chunk_tokens:
+                return None
+        else:
+            self.backend.clear_memory()
+        self.backend.prefill(tokens, align=self.capture_every)
+        return self.backend.last_logits()
 
     def store(self, pending: PendingChunks) -> int:
         """Write captured chunks (blocking LMDB write: call off the event loop)."""

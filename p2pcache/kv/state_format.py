@@ -21,11 +21,12 @@ then falls back to plain prefill rather than guess.
 
 from __future__ import annotations
 
-import ctypes
 import struct
 from dataclasses import dataclass
 
 import numpy as np
+
+from p2pcache.backend.state_buffer import StateBuffer
 from p2pcache.errors import StateFormatError  # noqa: F401 - re-exported
 
 
@@ -148,21 +149,6 @@ def state_size(layout: StateLayout, cells: list[int]) -> int:
     for sec, c in zip(layout.sections, cells):
         n += 8 + c * _CELL.itemsize + 8 + len(sec.layers) * 24 + c * sec.row_bytes
     return n
-
-
-class StateBuffer:
-    """A preallocated native buffer for llama_state_seq_get/set_data, grown (never shrunk)
-    when a state does not fit: a restore or capture allocates nothing in the common case."""
-
-    def __init__(self, size: int = 0) -> None:
-        self.array = (ctypes.c_uint8 * max(size, 1))()
-
-    def ensure(self, size: int) -> None:
-        if len(self.array) < size:
-            self.array = (ctypes.c_uint8 * int(size * 1.25))()
-
-    def view(self, size: int) -> memoryview:
-        return memoryview(self.array).cast("B")[:size]
 
 
 def v_cells(v_trans: bool, v: np.ndarray, a: int, b: int) -> np.ndarray:

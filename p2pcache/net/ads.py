@@ -25,6 +25,7 @@ import msgpack
 
 from p2pcache.errors import AdRejected  # noqa: F401 - re-exported
 from p2pcache.identity import Identity
+from p2pcache.net.config import DirectoryConfig
 from p2pcache.net.peer_keys import canonical, verify_by_peer
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ AD_VERSION = 1
 MAX_AD_BYTES = 64 * 1024
 MAX_AD_ENTRIES = 512
 MAX_ADDRS = 8
-MAX_AGE_S = 600.0  # older ads are stale
+MAX_AGE_S = DirectoryConfig.max_ad_age_s  # older ads are stale
 MAX_SKEW_S = 60.0  # ads from further in the future are refused
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 LEVELS = ("decoder_final", "kv_prefix")

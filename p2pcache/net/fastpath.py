@@ -1,5 +1,5 @@
 """Bulk-transfer fast path for py-libp2p 0.8.1's Noise + yamux (64 MB fetch on loopback:
-~200 MB/s stock -> ~450 MB/s; figures and profile in docs/benchmarks.md, "Network (issue 6)").
+~200 MB/s stock -> ~450 MB/s; figures and profile in docs/benchmarks.md, "Network").
 
 Where the time went (cProfile of both processes, `bench/bench_net_fetch.py --profile`):
 
@@ -41,12 +41,11 @@ import struct
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
-from libp2p.io.exceptions import IncompleteReadError
-from libp2p.io.exceptions import ConnectionClosedError
-from libp2p.security.secure_session import SecureSession
-from noise.exceptions import NoiseInvalidMessage
+from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError
 from libp2p.security.noise import io as noise_io
+from libp2p.security.secure_session import SecureSession
 from libp2p.stream_muxer.yamux import yamux as yamux_mod
+from noise.exceptions import NoiseInvalidMessage
 
 log = logging.getLogger(__name__)
 

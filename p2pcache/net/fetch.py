@@ -39,11 +39,20 @@ from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from p2pcache.errors import FetchError, NotFound, Busy, FetchTimeout, BadResponse  # noqa: F401 - re-exported
+from p2pcache.errors import BadResponse, Busy, FetchError, FetchTimeout, NotFound  # noqa: F401 - re-exported
 from p2pcache.identity import Identity
+from p2pcache.net.config import ServerLimits
 from p2pcache.net.fastpath import BODY_FRAME, grant_receive_window
 from p2pcache.net.peer_keys import canonical, verify_by_peer
-from p2pcache.net.wire import MAX_CONTROL_FRAME, MAX_DATA_FRAME, LEN, FrameReader, StreamEnded, WireError, pack_msg
+from p2pcache.net.wire import (
+    LEN,
+    MAX_CONTROL_FRAME,
+    MAX_DATA_FRAME,
+    FrameReader,
+    StreamEnded,
+    WireError,
+    pack_msg,
+)
 from p2pcache.store import Entry, Output, Store
 
 log = logging.getLogger(__name__)
@@ -245,13 +254,6 @@ class ChainSource:
 # -- server -----------------------------------------------------------------------------
 
 @dataclass
-class ServerLimits:
-    request_timeout_s: float = 60.0
-    max_streams_per_peer: int = 4
-    frame_size: int = BODY_FRAME  # one body frame = one fast-path yamux frame
-
-
-@dataclass
 class ServerStats:
     served: int = 0
     not_found: int = 0
@@ -336,7 +338,7 @@ class FetchServer:
                                 self._digest(req, body), peer, self.identity.peer_id, int(time.time() * 1000))
         header = ResponseHeader(**{**header.__dict__, "sig": self.identity.sign(header.payload())})
         await stream.write(pack_msg(header.to_msg()))
-        await write_body(stream, body, self.limits.frame_size)
+        await write_body(stream, body, self.limits.frame_size or BODY_FRAME)
         await stream.close()
         self.stats.served += 1
         self.stats.bytes_out += len(body)

@@ -7,10 +7,12 @@ yamux; a node here negotiates exactly Noise and yamux, so no connection is ever 
 from __future__ import annotations
 
 import logging
+import os
 import socket
-from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import multiaddr
 import trio
@@ -28,11 +30,11 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from p2pcache.identity import Identity
+from p2pcache.net.config import DEFAULT_LISTEN, DIAL_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
-DIAL_TIMEOUT_S = 10.0
+PSK_ENV = "P2PCACHE_PSK"
 
 
 def key_pair_from_identity(identity: Identity) -> KeyPair:
@@ -62,13 +64,21 @@ def parse_psk(psk: str | bytes | None) -> str | None:
     return raw.hex()
 
 
+def load_psk(data_dir: Path | None) -> str | None:
+    """``$P2PCACHE_PSK`` (64 hex), else ``<data dir>/swarm.key`` if present, else None."""
+    if v := os.environ.get(PSK_ENV):
+        return v.strip()
+    if data_dir is not None and (p := Path(data_dir) / "swarm.key").is_file():
+        return p.read_text().strip()
+    return None
+
+
 @dataclass(frozen=True)
 class HostConfig:
+    """What the host itself needs (dialing is `p2pcache.net.peers`' job)."""
+
     listen: Sequence[str] = (DEFAULT_LISTEN,)
-    bootstrap: Sequence[str] = ()  # full multiaddrs with /p2p/<peer id>
     psk: str | None = None  # 64 hex chars: only peers with the same key can connect
-    dial_timeout_s: float = DIAL_TIMEOUT_S
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 def build_host(identity: Identity, config: HostConfig) -> IHost:

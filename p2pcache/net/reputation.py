@@ -1,9 +1,16 @@
-"""Per-peer reputation in LMDB, in the same environment as the entry store.
+"""Per-peer reputation: an in-memory view, written behind to LMDB (the store's environment).
 
-Named databases (next to the store's ``entries``/``evict``/``meta``):
+Named databases (a tenant of the store's `LmdbEnv`, next to ``entries``/``evict``/``meta``):
 
 - ``rep_peers``:    peer id (utf-8) -> msgpack `PeerRecord`
 - ``rep_evidence``: evidence id (sha256 of the evidence bytes) -> evidence bytes
+
+Every record is loaded at open; reads (score, gossip score, bans) answer from memory and
+updates change memory at once. Updates happen inside L2 fetches on the event loop, so they
+never wait for LMDB: a changed peer is marked dirty and `flush` writes the dirty records (and
+new evidence) in one short transaction, every second from `run` (in a worker thread), and when
+the flusher is cancelled or the store closes. A crash loses at most the last unflushed second;
+each flush is one LMDB transaction, so what is on disk is always a consistent earlier state.
 
 Counters are exponentially decayed with a half-life (default one day) each time they are
 read or updated, so old behaviour fades. The score is a smoothed success ratio in (0, 1):
@@ -15,19 +22,28 @@ verified failure; bans are kept in the record (they survive restarts).
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import threading
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import lmdb
 import msgpack
+import trio
 
-from p2pcache.store.records import now_ms
+from p2pcache.errors import MissingDatabase
+from p2pcache.net.ewma import ewma
+from p2pcache.store.lmdb_env import LmdbEnv, Schema, now_ms
+
+log = logging.getLogger(__name__)
 
 W_FAIL = 3.0  # a verified lie weighs three plain errors
 W_TIMEOUT = 1.0
 W_BAD = 1.0  # protocol violations (bad signature, hash mismatch, malformed)
+
+SCHEMA = Schema("reputation", ("rep_peers", "rep_evidence"))
 
 
 @dataclass
@@ -50,7 +66,8 @@ class PeerRecord:
 
     def score(self) -> float:
         return (1.0 + self.successes) / (
-            2.0 + self.successes + W_FAIL * self.failures + W_TIMEOUT * self.timeouts + W_BAD * self.bad
+            2.0 + self.successes + W_FAIL * self.failures + W_TIMEOUT * self.timeouts
+            + W_BAD * self.bad
         )
 
     def banned(self, at_ms: int | None = None) -> bool:
@@ -62,6 +79,25 @@ class PeerRecord:
         d["is_banned"] = self.banned()
         return d
 
+    def copy(self) -> PeerRecord:
+        return replace(self, evidence=list(self.evidence))
+
+    def encode(self) -> bytes:
+        return msgpack.packb(asdict(self), use_bin_type=True)
+
+    @classmethod
+    def decode(cls, raw: bytes | memoryview | None, peer_id: str) -> PeerRecord:
+        """The stored record, or a fresh one when there is none or it is unreadable (an
+        unreadable record starts over)."""
+        if raw is None:
+            return cls(peer_id)
+        try:
+            d = msgpack.unpackb(raw, raw=False)
+            known = {f.name for f in fields(cls)}
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except Exception:
+            return cls(peer_id)
+
 
 @dataclass(frozen=True)
 class ReputationConfig:
@@ -69,32 +105,51 @@ class ReputationConfig:
     ban_threshold: float = 0.15  # a fresh liar is banned at its 2nd verified failure
     ban_seconds: float = 86_400.0
     max_evidence_per_peer: int = 16
+    flush_interval_s: float = 1.0  # how often `run` writes changed records
 
 
 class Reputation:
-    def __init__(self, env: lmdb.Environment, config: ReputationConfig | None = None) -> None:
+    """Reputation of every peer seen, in memory, persisted in ``env`` (write-behind).
+
+    Thread-safe: one lock guards the view; flushes are serialized by a second one so that an
+    older snapshot never overwrites a newer one.
+    """
+
+    def __init__(self, env: LmdbEnv, config: ReputationConfig | None = None) -> None:
         self.env = env
         self.config = config or ReputationConfig()
-        self._peers = env.open_db(b"rep_peers")
-        self._evidence = env.open_db(b"rep_evidence")
+        dbs = env.open(SCHEMA)
+        self._peers_db = dbs["rep_peers"]
+        self._evidence_db = dbs["rep_evidence"]
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._peers: dict[str, PeerRecord] = self._load()
+        self._dirty: set[str] = set()
+        self._new_evidence: dict[str, bytes] = {}  # id -> bytes, until flushed
+        env.on_close(self.flush)
 
-    # -- reads ------------------------------------------------------------------------
+    def _load(self) -> dict[str, PeerRecord]:
+        with self.env.begin(db=self._peers_db) as txn:
+            return {
+                (pid := bytes(k).decode()): PeerRecord.decode(bytes(raw), pid)
+                for k, raw in txn.cursor()
+            }
+
+    # -- reads (memory only) -----------------------------------------------------------
     def get(self, peer_id: str) -> PeerRecord:
-        with self.env.begin(db=self._peers) as txn:
-            raw = txn.get(peer_id.encode())
-        rec = self._decode(raw, peer_id)
+        """A copy of the peer's record, decayed to now (a fresh record for an unknown peer)."""
+        with self._lock:
+            rec = self._peers.get(peer_id)
+            rec = rec.copy() if rec is not None else PeerRecord(peer_id)
         self._decay(rec, now_ms())
         return rec
 
     def all(self) -> list[PeerRecord]:
-        out = []
         t = now_ms()
-        with self.env.begin(db=self._peers) as txn:
-            for k, raw in txn.cursor():
-                rec = self._decode(bytes(raw), bytes(k).decode())
-                self._decay(rec, t)
-                out.append(rec)
+        with self._lock:
+            out = [rec.copy() for rec in self._peers.values()]
+        for rec in out:
+            self._decay(rec, t)
         return out
 
     def score(self, peer_id: str) -> float:
@@ -109,20 +164,32 @@ class Reputation:
         return -1000.0 if rec.banned() else 20.0 * (rec.score() - 0.5)
 
     def evidence(self, evidence_id: str) -> bytes | None:
-        with self.env.begin(db=self._evidence) as txn:
+        """A stored proof (rarely read: the CLI and the API's reputation view)."""
+        with self._lock:
+            pending = self._new_evidence.get(evidence_id)
+        if pending is not None:
+            return pending
+        with self.env.begin(db=self._evidence_db) as txn:
             raw = txn.get(bytes.fromhex(evidence_id))
         return bytes(raw) if raw is not None else None
 
-    # -- updates ------------------------------------------------------------------------
-    def record_success(self, peer_id: str, nbytes: int, seconds: float, ttfb_s: float | None = None) -> PeerRecord:
+    @property
+    def unflushed(self) -> int:
+        """Peers changed in memory since the last flush."""
+        with self._lock:
+            return len(self._dirty)
+
+    # -- updates (memory now, LMDB at the next flush) ------------------------------------
+    def record_success(self, peer_id: str, nbytes: int, seconds: float,
+                       ttfb_s: float | None = None) -> PeerRecord:
         def f(rec: PeerRecord) -> None:
             rec.successes += 1
             rec.bytes_in += nbytes
             rec.fetches += 1
             if ttfb_s is not None:
-                rec.latency_ms = _ewma(rec.latency_ms, ttfb_s * 1000)
+                rec.latency_ms = ewma(rec.latency_ms, ttfb_s * 1000)
             if nbytes >= 65536 and seconds > 0:
-                rec.bandwidth = _ewma(rec.bandwidth, nbytes / seconds)
+                rec.bandwidth = ewma(rec.bandwidth, nbytes / seconds)
         return self._update(peer_id, f)
 
     def record_timeout(self, peer_id: str) -> PeerRecord:
@@ -137,7 +204,8 @@ class Reputation:
             rec.fetches += 1
         return self._update(peer_id, f, reason)
 
-    def record_verified_failure(self, peer_id: str, evidence: bytes | None, reason: str) -> PeerRecord:
+    def record_verified_failure(self, peer_id: str, evidence: bytes | None,
+                                reason: str) -> PeerRecord:
         """A proven lie. ``evidence`` (signed, self-contained) is kept and linked to the peer."""
         evidence_id = hashlib.sha256(evidence).hexdigest() if evidence else None
 
@@ -147,7 +215,8 @@ class Reputation:
             rec.failures += 1
             if evidence_id:
                 rec.evidence = (rec.evidence + [evidence_id])[-self.config.max_evidence_per_peer:]
-        return self._update(peer_id, f, reason, evidence=(evidence_id, evidence) if evidence_id else None)
+        proof = (evidence_id, evidence) if evidence_id and evidence else None
+        return self._update(peer_id, f, reason, evidence=proof)
 
     def ban(self, peer_id: str, reason: str, seconds: float | None = None) -> PeerRecord:
         def f(rec: PeerRecord) -> None:
@@ -158,36 +227,74 @@ class Reputation:
     def seen(self, peer_id: str) -> None:
         self._update(peer_id, lambda rec: None)
 
+    # -- persistence -------------------------------------------------------------------
+    def flush(self) -> int:
+        """Write the changed records and new evidence in one LMDB transaction (blocking: call
+        it from a worker thread while the event loop runs). Returns how many records were
+        written. On failure (disk full) they stay dirty for the next flush."""
+        with self._flush_lock:
+            with self._lock:
+                if not self._dirty and not self._new_evidence:
+                    return 0
+                dirty, self._dirty = self._dirty, set()
+                rows = [(pid.encode(), self._peers[pid].encode()) for pid in dirty]
+                evidence = dict(self._new_evidence)
+            try:
+                with self.env.begin(write=True) as txn:
+                    for k, v in rows:
+                        txn.put(k, v, db=self._peers_db)
+                    for eid, blob in evidence.items():
+                        txn.put(bytes.fromhex(eid), blob, db=self._evidence_db)
+            except lmdb.Error as exc:
+                log.warning("could not write reputation of %d peers (kept for the next flush): %s",
+                            len(rows), exc)
+                with self._lock:
+                    self._dirty |= dirty
+                return 0
+            with self._lock:
+                for eid in evidence:
+                    self._new_evidence.pop(eid, None)
+            return len(rows)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The flusher: writes changes every `flush_interval_s` in a worker thread (an fsync
+        must not stall the event loop), and once more when cancelled."""
+        task_status.started()
+        try:
+            while True:
+                await trio.sleep(self.config.flush_interval_s)
+                if self.unflushed:  # new evidence always comes with a changed peer
+                    await trio.to_thread.run_sync(self.flush)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.flush)
+
+    def close(self) -> None:
+        """Write what is unflushed. The environment stays open (the store owns it)."""
+        self.flush()
+
     # -- internals ----------------------------------------------------------------------
-    def _update(self, peer_id: str, fn, reason: str = "", evidence: tuple[str, bytes] | None = None) -> PeerRecord:  # noqa: ANN001
-        k = peer_id.encode()
+    def _update(self, peer_id: str, fn: Callable[[PeerRecord], None], reason: str = "",
+                evidence: tuple[str, bytes] | None = None) -> PeerRecord:
         t = now_ms()
-        with self._lock, self.env.begin(write=True) as txn:
-            rec = self._decode(txn.get(k, db=self._peers), peer_id)
+        with self._lock:
+            rec = self._peers.get(peer_id)
+            if rec is None:
+                rec = self._peers[peer_id] = PeerRecord(peer_id)
             self._decay(rec, t)
             fn(rec)
             rec.last_seen = t
-            if (rec.failures > 0 or rec.bad > 0) and rec.score() < self.config.ban_threshold and not rec.banned(t):
+            threshold = self.config.ban_threshold
+            if (rec.failures > 0 or rec.bad > 0) and rec.score() < threshold and not rec.banned(t):
                 rec.banned_until = t + int(1000 * self.config.ban_seconds)
-                rec.ban_reason = reason or f"score {rec.score():.3f} under {self.config.ban_threshold}"
-            txn.put(k, msgpack.packb(asdict(rec), use_bin_type=True), db=self._peers)
+                rec.ban_reason = reason or f"score {rec.score():.3f} under {threshold}"
+            self._dirty.add(peer_id)
             if evidence is not None:
-                txn.put(bytes.fromhex(evidence[0]), evidence[1], db=self._evidence)
-        return rec
+                self._new_evidence[evidence[0]] = evidence[1]
+            return rec.copy()
 
     def _decay(self, rec: PeerRecord, t: int) -> None:
         decay_record(rec, t, self.config.half_life_s)
-
-    @staticmethod
-    def _decode(raw: bytes | None, peer_id: str) -> PeerRecord:
-        if raw is None:
-            return PeerRecord(peer_id)
-        try:
-            d = msgpack.unpackb(raw, raw=False)
-            known = {f.name for f in fields(PeerRecord)}
-            return PeerRecord(**{k: v for k, v in d.items() if k in known})
-        except Exception:
-            return PeerRecord(peer_id)  # an unreadable record starts over
 
 
 def decay_record(rec: PeerRecord, t: int, half_life_s: float) -> None:
@@ -202,41 +309,17 @@ def decay_record(rec: PeerRecord, t: int, half_life_s: float) -> None:
     rec.updated_at = t
 
 
-def _ewma(old: float, new: float, alpha: float = 0.3) -> float:
-    return new if old == 0 else (1 - alpha) * old + alpha * new
-
-
 def read_offline(store_dir: str | Path, half_life_s: float = ReputationConfig.half_life_s
                  ) -> tuple[list[PeerRecord], dict[str, bytes]]:
     """Every peer record and stored proof of a node's LMDB, read-only (the node may be stopped
-    or running: LMDB readers never block its writer). Decayed to now, as a node would show them."""
-    path = Path(store_dir)
-    if not (path / "data.mdb").exists():
-        raise FileNotFoundError(f"no store at {path}")
-    env = lmdb.open(str(path), readonly=True, max_dbs=16, lock=True, readahead=False)
-    try:
+    or running: LMDB readers never block its writer). Decayed to now, as a node would show them.
+    Raises FileNotFoundError when there is no store at ``store_dir``."""
+    with LmdbEnv.open_readonly(store_dir) as env:
         try:
-            peers_db = env.open_db(b"rep_peers", create=False)
-        except lmdb.NotFoundError:
+            rep = Reputation(env, ReputationConfig(half_life_s=half_life_s))
+        except MissingDatabase:
             return [], {}
-        t = now_ms()
-        records = []
-        with env.begin(db=peers_db) as txn:
-            for k, raw in txn.cursor():
-                rec = Reputation._decode(bytes(raw), bytes(k).decode())
-                decay_record(rec, t, half_life_s)
-                records.append(rec)
-        evidence: dict[str, bytes] = {}
-        try:
-            ev_db = env.open_db(b"rep_evidence", create=False)
-        except lmdb.NotFoundError:
-            return records, evidence
+        records = rep.all()
         wanted = {e for r in records for e in r.evidence}
-        with env.begin(db=ev_db) as txn:
-            for eid in wanted:
-                raw = txn.get(bytes.fromhex(eid))
-                if raw is not None:
-                    evidence[eid] = bytes(raw)
+        evidence = {eid: raw for eid in wanted if (raw := rep.evidence(eid)) is not None}
         return records, evidence
-    finally:
-        env.close()

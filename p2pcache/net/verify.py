@@ -26,7 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from p2pcache.backend import BackendWorker, LlamaBackend, stop_cut
 from p2pcache.keys import SamplingParams, input_sha256
+from p2pcache.net.config import VerifyConfig
 from p2pcache.net.peer_keys import verify_by_peer
 from p2pcache.store import Entry
 
@@ -53,16 +55,6 @@ class Scorer(Protocol):
 
 
 @dataclass(frozen=True)
-class VerifyConfig:
-    # Same model, same CPU: llama.cpp's batched prefill and its one-token decode use different
-    # kernels, and honest greedy outputs differ from the prefill's argmax by logit gaps up to
-    # ~0.3 (bench/bench_l2.py, Gemma 3 270M Q4_K_M; 0.05 rejected 3 of 5 honest 256-token
-    # answers). A forger can only pick tokens the local model nearly ties with its argmax.
-    greedy_logit_tol: float = 0.5
-    logprob_floor: float = -20.0
-
-
-@dataclass(frozen=True)
 class Verdict:
     ok: bool
     reason: str
@@ -71,25 +63,24 @@ class Verdict:
 
 
 class BackendScorer:
-    """Adapts a `LlamaBackend` to `Scorer` (run it on the model's worker thread)."""
+    """`Scorer` on a `LlamaBackend`'s public methods (run it on the model's worker thread)."""
 
-    def __init__(self, backend: object) -> None:
+    def __init__(self, backend: LlamaBackend) -> None:
         self.backend = backend
 
     def check(self, prompt: Sequence[int], completion: Sequence[int], top_k: int = 0,
               logprob_floor: float | None = None) -> ChecksLike:
-        return self.backend.check(prompt, completion, top_k=top_k,  # type: ignore[attr-defined]
-                                  logprob_floor=logprob_floor)
+        return self.backend.check(prompt, completion, top_k=top_k, logprob_floor=logprob_floor)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return self.backend.detokenize(tokens)  # type: ignore[attr-defined]
+        return self.backend.detokenize(tokens)
 
     def is_eog(self, token: int) -> bool:
-        return self.backend.is_eog(token)  # type: ignore[attr-defined]
+        return self.backend.is_eog(token)
 
     @property
     def eog_token(self) -> int:
-        return int(self.backend.llm.token_eos())  # type: ignore[attr-defined]
+        return self.backend.eog_token
 
 
 def check_static(entry: Entry, key: str, model_hash: str, prompt: Sequence[int], params: SamplingParams) -> Verdict:
@@ -114,8 +105,9 @@ def check_static(entry: Entry, key: str, model_hash: str, prompt: Sequence[int],
 
 def verify_decoder_final(scorer: Scorer, entry: Entry, key: str, model_hash: str,
                          prompt: Sequence[int], params: SamplingParams,
-                         config: VerifyConfig = VerifyConfig()) -> Verdict:
+                         config: VerifyConfig | None = None) -> Verdict:
     """Blocking (runs the model): call it on the backend worker thread."""
+    config = config or VerifyConfig()
     t0 = time.perf_counter()
     v = check_static(entry, key, model_hash, prompt, params)
     if not v.ok:
@@ -126,12 +118,12 @@ def verify_decoder_final(scorer: Scorer, entry: Entry, key: str, model_hash: str
         return Verdict(False, "empty output must end with stop")
     # Text: the detokenized tokens, or their cut at the first stop string.
     full = scorer.detokenize(tokens)
-    cut = min((i for s in params.stop if (i := full.find(s)) >= 0), default=-1) if params.stop else -1
+    cut = stop_cut(full, params.stop)
     stop_string_end = cut >= 0
     if stop_string_end:
         if out.text != full[:cut] or out.finish_reason != "stop":
             return Verdict(False, "text is not the output cut at its stop string")
-        if params.stop and min((i for s in params.stop if (i := scorer.detokenize(tokens[:-1]).find(s)) >= 0), default=-1) >= 0:
+        if stop_cut(scorer.detokenize(tokens[:-1]), params.stop) >= 0:
             return Verdict(False, "output continues past a stop string")
     elif out.text != full:
         return Verdict(False, "text does not match the tokens")
@@ -169,3 +161,17 @@ def verify_decoder_final(scorer: Scorer, entry: Entry, key: str, model_hash: str
 
 def _fail(reason: str, pos: int, t0: float) -> Verdict:
     return Verdict(False, reason, pos, (time.perf_counter() - t0) * 1000)
+
+
+class ModelVerifier:
+    """`verify_decoder_final` on the node's own model, run on its worker thread."""
+
+    def __init__(self, worker: BackendWorker, model_hash: str, config: VerifyConfig | None = None) -> None:
+        self.worker = worker
+        self.model_hash = model_hash
+        self.config = config or VerifyConfig()
+
+    async def verify(self, entry: Entry, key: str, prompt: Sequence[int], params: SamplingParams) -> Verdict:
+        scorer = BackendScorer(self.worker.backend)
+        return await self.worker.run(lambda: verify_decoder_final(
+            scorer, entry, key, self.model_hash, list(prompt), params, self.config))

@@ -105,9 +105,9 @@ class WarmConnections:
                 await self._dial(peer_id, addrs, self.config.dial_timeout_s)
             self.stats["dialled"] += 1
             log.info("warm: connected to producer %s", peer_id[:16])
-        except (Exception, BaseExceptionGroup) as exc:  # the fetch path will try again (and count it)
-            if isinstance(exc, BaseExceptionGroup) and exc.subgroup(lambda e: not isinstance(e, Exception)):
-                raise  # cancellation inside a group of dial errors
+        # The fetch path will try again (and count it). Dial errors may come as an ExceptionGroup,
+        # which is an Exception; a group that holds a Cancelled is a BaseExceptionGroup and propagates.
+        except Exception as exc:
             self.stats["failed"] += 1
             log.info("warm: could not reach producer %s: %r", peer_id[:16], exc)
         finally:

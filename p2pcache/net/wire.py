@@ -11,7 +11,8 @@ import struct
 from typing import Any, Protocol
 
 import msgpack
-from p2pcache.errors import WireError, StreamEnded  # noqa: F401 - re-exported
+
+from p2pcache.errors import StreamEnded, WireError  # noqa: F401 - re-exported
 
 LEN = struct.Struct(">I")
 MAX_CONTROL_FRAME = 64 * 1024  # requests and response headers

@@ -1,14 +1,5 @@
-"""The node a volunteer runs: config, lifecycle, logs, the seam for the network service."""
+"""The node a volunteer runs: config, the composition root (`p2pcache.node.build`), the daemon."""
 
 from p2pcache.node.config import ConfigError, NodeConfig, load_config
-from p2pcache.node.runtime import NetworkFactory, NetworkService, NodeRuntime, NoNetwork
 
-__all__ = [
-    "ConfigError",
-    "NetworkFactory",
-    "NetworkService",
-    "NoNetwork",
-    "NodeConfig",
-    "NodeRuntime",
-    "load_config",
-]
+__all__ = ["ConfigError", "NodeConfig", "load_config"]

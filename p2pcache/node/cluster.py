@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
 from p2pcache.errors import NodeStartError  # noqa: F401 - re-exported
 
 READY_TIMEOUT_S = 180.0
@@ -71,7 +72,7 @@ class NodeProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=10)
-            raise NodeStartError(f"node {self.name} did not stop within {timeout:.0f} s; killed")
+            raise NodeStartError(f"node {self.name} did not stop within {timeout:.0f} s; killed") from None
         finally:
             if self.proc.stdout:
                 self.proc.stdout.close()

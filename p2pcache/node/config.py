@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from p2pcache.api.context import ApiSettings
 from p2pcache.errors import ConfigError  # noqa: F401 - re-exported
+from p2pcache.net.config import KvNetConfig, WarmConfig
+from p2pcache.node.options import NodeOptions
+from p2pcache.semantic.tier import SemanticConfig
 
 ENV_PREFIX = "P2PCACHE_"
 CONFIG_ENV = "P2PCACHE_CONFIG"
@@ -63,33 +68,33 @@ class NodeConfig(BaseModel):
     )
     bootstrap_wait_s: float = Field(60.0, gt=0, description="How long to wait for bootstrap_http nodes.")
     warm_peers: int = Field(
-        8, ge=0, le=256, description="Producers dialled as their adverts arrive, before a request needs them (0: off)."
+        WarmConfig.max_peers, ge=0, le=256, description="Producers dialled as their adverts arrive, before a request needs them (0: off)."
     )
-    share_by_default: bool = Field(False, description="Share entries with peers unless a request says otherwise.")
-    n_ctx: int = Field(8192, ge=256, le=1 << 20, description="Context window in tokens.")
-    n_gpu_layers: int | None = Field(None, ge=-1, description="Layers on the GPU (-1 all, 0 none; default: all if any GPU).")
-    kv_prefix: bool = Field(True, description="Resume local inference from stored KV prefixes.")
-    kv_type: Literal["f16", "q8_0", "q4_0"] = Field("f16", description="KV cache element type.")
-    kv_net: bool = Field(True, description="Share KV prefix chunks with peers and fetch the ones a prompt lacks.")
+    share_by_default: bool = Field(ApiSettings.share_by_default, description="Share entries with peers unless a request says otherwise.")
+    n_ctx: int = Field(NodeOptions.n_ctx, ge=256, le=1 << 20, description="Context window in tokens.")
+    n_gpu_layers: int | None = Field(NodeOptions.n_gpu_layers, ge=-1, description="Layers on the GPU (-1 all, 0 none; default: all if any GPU).")
+    kv_prefix: bool = Field(NodeOptions.kv_prefix, description="Resume local inference from stored KV prefixes.")
+    kv_type: Literal["f16", "q8_0", "q4_0"] = Field(NodeOptions.kv_type, description="KV cache element type.")
+    kv_net: bool = Field(KvNetConfig.enabled, description="Share KV prefix chunks with peers and fetch the ones a prompt lacks.")
     kv_peer_min_score: float = Field(
-        0.4, ge=0.0, le=1.0, description="Fetch KV chunks only from peers whose reputation score is above this."
+        KvNetConfig.min_score, ge=0.0, le=1.0, description="Fetch KV chunks only from peers whose reputation score is above this."
     )
     kv_spot_check_rate: float = Field(
-        0.1, ge=0.0, le=1.0, description="Fraction of KV fetches recomputed locally to check the peer."
+        KvNetConfig.spot_check_rate, ge=0.0, le=1.0, description="Fraction of KV fetches recomputed locally to check the peer."
     )
-    semantic: bool = Field(False, description="Enable L1 (requests opt in with \"semantic\": true).")
+    semantic: bool = Field(NodeOptions.semantic, description="Enable L1 (requests opt in with \"semantic\": true).")
     semantic_tau: float | None = Field(
-        None, ge=0.0, le=1.0, description="L1 cosine similarity a candidate needs (default 0.85)."
+        None, ge=0.0, le=1.0, description=f"L1 cosine similarity a candidate needs (default {SemanticConfig.tau})."
     )
     semantic_margin: float | None = Field(
-        None, ge=0.0, description="L1 gate: nats per token the cached answer may lose (default 1.0)."
+        None, ge=0.0, description=f"L1 gate: nats per token the cached answer may lose (default {SemanticConfig.margin})."
     )
-    size_cap: int = Field(4 * 2**30, gt=0, description="Store size cap in bytes (or 4GiB, 512MB).")
+    size_cap: int = Field(NodeOptions.size_cap, gt=0, description="Store size cap in bytes (or 4GiB, 512MB).")
     max_queue: int = Field(16, ge=0, le=100_000, description="Requests that may wait for the model; more get 429.")
     queue_timeout_s: float = Field(60.0, gt=0, description="Longest wait for the model before 503.")
-    max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
-    default_max_tokens: int = Field(128, ge=1, description="max_tokens when a request gives none.")
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest HTTP request body (bytes or 1MiB).")
+    max_tokens_limit: int = Field(ApiSettings.max_tokens_limit, ge=1, description="Largest max_tokens a request may ask for.")
+    default_max_tokens: int = Field(ApiSettings.default_max_tokens, ge=1, description="max_tokens when a request gives none.")
+    max_body_bytes: int = Field(ApiSettings.max_body_bytes, ge=1024, description="Largest HTTP request body (bytes or 1MiB).")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="On SIGTERM, how long in-flight requests may finish.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line.")

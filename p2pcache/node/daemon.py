@@ -1,10 +1,10 @@
-"""The node daemon: one trio process with the HTTP API, the backend worker and (once the
-network layer provides one) the libp2p service, all in one nursery.
+"""The node daemon: one trio process with the HTTP API, the backend worker and the libp2p
+service, all in one nursery. Its parts come from the composition root (`p2pcache.node.build`).
 
 Lifecycle:
 1. SIGINT/SIGTERM handling starts first, so a signal during model loading exits cleanly.
 2. The model loads off the event loop; the store opens; bootstrap_http nodes are asked for
-   their addresses (bounded wait).
+   their addresses (bounded wait). Then the network and the resolver are built.
 3. The network service starts (``nursery.start``), then HTTP; once HTTP listens the node
    prints one JSON "ready" line on stdout and writes ``<data dir>/node.json``.
 4. On the first signal the node drains: new API requests get 503, queued requests for the
@@ -30,13 +30,21 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from p2pcache import __version__
-from p2pcache.api.app import create_app
-from p2pcache.api.metrics import NodeMetrics
-from p2pcache.local import LocalNode, NodeOptions
+from p2pcache.api import NodeContext, create_app
+from p2pcache.logs import fields
+from p2pcache.metrics import NodeMetrics
+from p2pcache.net.host import load_psk
+from p2pcache.node.build import (
+    NetworkBuilder,
+    api_settings,
+    build_resolver,
+    local_network,
+    net_config,
+    node_options,
+    open_local,
+)
 from p2pcache.node.config import NodeConfig
-from p2pcache.node.logs import fields
-from p2pcache.node.runtime import NetworkFactory, NodeRuntime, NoNetwork, load_network_factory
+from p2pcache.version import __version__
 
 log = logging.getLogger("p2pcache.node")
 
@@ -78,26 +86,31 @@ async def resolve_bootstrap_http(urls: list[str], deadline_s: float) -> list[str
                         if r.status_code == 200:
                             addrs = _reachable(r.json().get("addrs") or [], url)
                             if not addrs:
-                                log.warning("bootstrap node has no p2p addresses (no network layer?)",
-                                            extra=fields(url=url))
+                                log.warning(
+                                    "bootstrap node has no p2p addresses (no network layer?)",
+                                    extra=fields(url=url),
+                                )
                             found.extend(addrs)
                             break
                     except httpx.HTTPError:
                         pass
                     await trio.sleep(0.5)  # retry interval while the bootstrap node starts
     if scope.cancelled_caught:
-        log.warning("gave up waiting for bootstrap nodes", extra=fields(urls=urls, waited_s=deadline_s))
+        log.warning(
+            "gave up waiting for bootstrap nodes", extra=fields(urls=urls, waited_s=deadline_s)
+        )
     return found
 
 
 async def run_node(
     config: NodeConfig,
-    network_factory: NetworkFactory | None = None,
+    network: NetworkBuilder = local_network,
     *,
     ready_out: Any = None,
     install_signal_handlers: bool = True,
 ) -> int:
-    """Run a node until SIGINT/SIGTERM. Returns the process exit code (0: clean shutdown)."""
+    """Run a node until SIGINT/SIGTERM. Returns the process exit code (0: clean shutdown).
+    ``network`` builds the node's network from its local parts (tests pass one that lies)."""
     ready_out = ready_out or sys.stdout
     stop = trio.Event()  # first signal: drain
     signals_seen = 0
@@ -105,7 +118,9 @@ async def run_node(
     async with trio.open_nursery() as outer:
         cancel_all = outer.cancel_scope
 
-        async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async def watch_signals(
+            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        ) -> None:
             nonlocal signals_seen
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 task_status.started()
@@ -124,41 +139,46 @@ async def run_node(
         # A second signal cancels `_run` from outside: it still closes LMDB (shielded) before
         # the cancellation ends here, so the forced stop is clean too and keeps exit code 0.
         code = 0
-        code = await _run(config, network_factory, stop, ready_out)
+        code = await _run(config, network, stop, ready_out)
         outer.cancel_scope.cancel()
     return code
 
 
-async def _run(config: NodeConfig, network_factory: NetworkFactory | None, stop: trio.Event, ready_out: Any) -> int:
+async def _run(
+    config: NodeConfig, network: NetworkBuilder, stop: trio.Event, ready_out: Any
+) -> int:
     t0 = time.perf_counter()
-    options = NodeOptions(
-        data_dir=config.data_dir, model=config.model, n_ctx=config.n_ctx,
-        n_gpu_layers=config.n_gpu_layers, size_cap=config.size_cap,
-        kv_prefix=config.kv_prefix, kv_type=config.kv_type, semantic=config.semantic,
-        semantic_tau=config.semantic_tau, semantic_margin=config.semantic_margin,
-    )
     # Loading blocks for seconds: off the loop, so signals are still noticed. Shielded, so a
-    # forced stop during loading still gets the opened node back and closes it below.
+    # forced stop during loading still gets the opened parts back and closes them below.
     with trio.CancelScope(shield=True):
-        local = await trio.to_thread.run_sync(LocalNode.open, options, abandon_on_cancel=False)
+        local = await trio.to_thread.run_sync(
+            open_local, node_options(config), abandon_on_cancel=False
+        )
     info_file = node_info_path(local.data_dir.root)
     try:
         await trio.lowlevel.checkpoint_if_cancelled()
         if stop.is_set():
             return 0
-        local.worker.max_waiting = config.max_queue
-        local.worker.max_wait_s = config.queue_timeout_s
-        model_id = config.model_name or local.backend.config.model_path.stem
-        runtime = NodeRuntime(config=config, local=local, metrics=NodeMetrics(), model_id=model_id)
-        runtime.bootstrap = list(config.bootstrap)
-        log.info("model loaded", extra=fields(
-            model=model_id, model_hash=local.model_hash, peer_id=local.identity.peer_id,
-            data_dir=str(local.data_dir.root), load_s=round(time.perf_counter() - t0, 2),
-        ))
+        model_path = local.backend.config.model_path
+        model_id = config.model_name or model_path.stem
+        log.info(
+            "model loaded",
+            extra=fields(
+                model=model_id,
+                model_hash=local.model_hash,
+                peer_id=local.identity.peer_id,
+                data_dir=str(local.data_dir.root),
+                load_s=round(time.perf_counter() - t0, 2),
+            ),
+        )
+        bootstrap = list(config.bootstrap)
         if config.bootstrap_http:
             async with trio.open_nursery() as waiter:  # a signal ends the wait, too
+
                 async def _resolve() -> None:
-                    runtime.bootstrap += await resolve_bootstrap_http(config.bootstrap_http, config.bootstrap_wait_s)
+                    bootstrap.extend(
+                        await resolve_bootstrap_http(config.bootstrap_http, config.bootstrap_wait_s)
+                    )
                     waiter.cancel_scope.cancel()
 
                 async def _stop() -> None:
@@ -170,9 +190,24 @@ async def _run(config: NodeConfig, network_factory: NetworkFactory | None, stop:
         if stop.is_set():
             return 0
 
-        factory = network_factory if network_factory is not None else load_network_factory()
-        runtime.network = factory(runtime) if factory is not None else NoNetwork()
-        app = create_app(runtime)
+        metrics = NodeMetrics()
+        net = network(local, net_config(config, bootstrap, load_psk(local.data_dir.root)), metrics)
+        ctx = NodeContext(
+            settings=api_settings(config),
+            resolver=build_resolver(local, net),
+            store=local.store,
+            worker=local.worker,
+            peer_id=local.identity.peer_id,
+            model_hash=local.model_hash,
+            model_id=model_id,
+            model_path=model_path,
+            n_ctx=local.backend.config.n_ctx,
+            data_dir=local.data_dir.root,
+            metrics=metrics,
+            network=net.service,
+            bootstrap=bootstrap,
+        )
+        app = create_app(ctx)
         hc = HypercornConfig()
         hc.bind = [config.http]
         hc.graceful_timeout = config.shutdown_timeout_s
@@ -181,22 +216,32 @@ async def _run(config: NodeConfig, network_factory: NetworkFactory | None, stop:
         hc.keep_alive_timeout = 30
 
         async with trio.open_nursery() as nursery:
-            await nursery.start(runtime.network.run)
+            await nursery.start(net.service.run)
             server_done = trio.Event()
 
-            async def http_server(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+            async def http_server(
+                task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+            ) -> None:
                 try:
-                    await hypercorn_serve(app, hc, shutdown_trigger=stop.wait, task_status=task_status, mode="asgi")
+                    await hypercorn_serve(
+                        app, hc, shutdown_trigger=stop.wait, task_status=task_status, mode="asgi"
+                    )
                 finally:
                     server_done.set()
 
             binds = await nursery.start(http_server)
-            runtime.http_urls = list(binds)
+            ctx.http_urls = list(binds)
             ready = {
-                "event": READY_EVENT, "http": runtime.http_urls[0] if runtime.http_urls else None,
-                "http_urls": runtime.http_urls, "peer_id": local.identity.peer_id,
-                "model": model_id, "model_hash": local.model_hash, "addrs": runtime.network.addrs(),
-                "data_dir": str(local.data_dir.root), "pid": os.getpid(), "version": __version__,
+                "event": READY_EVENT,
+                "http": ctx.http_urls[0] if ctx.http_urls else None,
+                "http_urls": ctx.http_urls,
+                "peer_id": local.identity.peer_id,
+                "model": model_id,
+                "model_hash": local.model_hash,
+                "addrs": net.service.addrs(),
+                "data_dir": str(local.data_dir.root),
+                "pid": os.getpid(),
+                "version": __version__,
             }
             _write_atomic(info_file, ready)
             print(json.dumps(ready), file=ready_out, flush=True)
@@ -204,7 +249,7 @@ async def _run(config: NodeConfig, network_factory: NetworkFactory | None, stop:
 
             async def drain_on_stop() -> None:
                 await stop.wait()
-                runtime.draining = True
+                ctx.draining = True
                 local.worker.close()  # queued model calls fail with 503; the running one finishes
 
             nursery.start_soon(drain_on_stop)
@@ -216,5 +261,7 @@ async def _run(config: NodeConfig, network_factory: NetworkFactory | None, stop:
     finally:
         info_file.unlink(missing_ok=True)
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(local.close)  # flush hit counters, close LMDB and the model
+            await trio.to_thread.run_sync(
+                local.close
+            )  # flush hit counters, close LMDB and the model
         log.info("shutdown complete", extra=fields(peer_id=local.identity.peer_id))

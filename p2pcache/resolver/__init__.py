@@ -1,14 +1,16 @@
 """The lookup ladder that answers every request."""
 
-from p2pcache.resolver.ladder import ExactTier, Keyed, Resolver, Tier
+from p2pcache.resolver.ladder import ExactTier, KvRemote, Resolver, Tier
 from p2pcache.resolver.types import (
     Answer,
+    Keyed,
     KvPeerDetails,
     Level,
     PeerDetails,
     Request,
     SemanticDetails,
     Timings,
+    answer_from_output,
 )
 
 __all__ = [
@@ -16,6 +18,7 @@ __all__ = [
     "ExactTier",
     "Keyed",
     "KvPeerDetails",
+    "KvRemote",
     "Level",
     "PeerDetails",
     "Request",
@@ -23,4 +26,5 @@ __all__ = [
     "SemanticDetails",
     "Tier",
     "Timings",
+    "answer_from_output",
 ]

@@ -2,7 +2,8 @@
 
 Each rung is a `Tier`: it gets the keyed request and either answers or passes. L3 is not a
 tier but the fallback that runs the model and stores the result, so that the next identical
-request is an L0 hit. L1 and L2 plug in as tiers between them (see `Resolver.tiers`).
+request is an L0 hit. The node's composition root (`p2pcache.node.build`) gives the resolver
+its tiers, KV prefix cache and KV peers when it builds it; nothing is added later.
 """
 
 from __future__ import annotations
@@ -10,32 +11,32 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import lmdb
 import trio
 
 from p2pcache.backend import BackendWorker, TokenHook
+from p2pcache.errors import ComputationFailed
 from p2pcache.identity import Identity
 from p2pcache.keys import input_sha256
-from p2pcache.resolver.types import Answer, KvPeerDetails, Level, Request, Timings
+from p2pcache.resolver.types import (
+    Answer,
+    Keyed,
+    KvPeerDetails,
+    Level,
+    Request,
+    Timings,
+    answer_from_output,
+)
 from p2pcache.store import Entry, Output, Store, StoreError
 
 if TYPE_CHECKING:
     from p2pcache.kv import KvPrefixCache, PrefixGeneration
 
+__all__ = ["ExactTier", "Keyed", "KvRemote", "Resolver", "Tier"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Keyed:
-    """A request after tokenization, with its exact key."""
-
-    request: Request
-    tokens: list[int]
-    key: str
-    model_hash: str
 
 
 class KvRemote(Protocol):
@@ -44,29 +45,22 @@ class KvRemote(Protocol):
     async def prefetch(self, keyed: Keyed) -> Any:
         """Fetch the prompt's missing prefix chunks (stored locally); never raises."""
 
-    async def after_generate(self, keyed: Keyed, pg: PrefixGeneration, fetched: Any) -> KvPeerDetails | None:
+    async def after_generate(
+        self, keyed: Keyed, pg: PrefixGeneration, fetched: Any
+    ) -> KvPeerDetails | None:
         """After the run: advertise what it stored; returns what the peer's chunks gave."""
 
 
 class Tier(Protocol):
-    """A rung of the ladder. It may also define ``async on_stored(keyed, entry)``, called
-    after an L3 result is stored (L1 uses it to index the prompt's embedding)."""
+    """A rung of the ladder."""
 
     level: Level
 
-    async def lookup(self, keyed: Keyed) -> Answer | None: ...
+    async def lookup(self, keyed: Keyed) -> Answer | None:
+        """The answer from this level, or None to pass to the next one."""
 
-
-def answer_from_entry(entry: Entry, keyed: Keyed, level: Level) -> Answer:
-    return Answer(
-        text=entry.output.text,
-        tokens=list(entry.output.tokens),
-        finish_reason=entry.output.finish_reason,
-        cache_level=level,
-        input_sha256=keyed.key,
-        model_hash=keyed.model_hash,
-        timings=Timings(prompt_tokens=len(keyed.tokens), completion_tokens=len(entry.output.tokens)),
-    )
+    async def on_stored(self, keyed: Keyed, entry: Entry) -> None:
+        """Called after L3 stored ``entry`` (L1 indexes its prompt, L2 advertises it)."""
 
 
 class ExactTier:
@@ -79,10 +73,17 @@ class ExactTier:
 
     async def lookup(self, keyed: Keyed) -> Answer | None:
         entry = self.store.get(keyed.key)  # one LMDB read: microseconds, fine on the loop
-        if entry is None or entry.cache_level != "decoder_final" or entry.model_hash != keyed.model_hash:
+        if (
+            entry is None
+            or entry.cache_level != "decoder_final"
+            or entry.model_hash != keyed.model_hash
+        ):
             return None
         self.store.record_hit(keyed.key)
-        return answer_from_entry(entry, keyed, self.level)
+        return answer_from_output(entry.output, keyed, self.level)
+
+    async def on_stored(self, keyed: Keyed, entry: Entry) -> None:
+        """The entry is in the store already: nothing to do."""
 
 
 class _Flight:
@@ -90,11 +91,18 @@ class _Flight:
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.answer: Answer | None = None
+        self.output: Output | None = None
         self.error: BaseException | None = None
 
 
 class Resolver:
+    """Answers requests from the first tier that has the answer, else computes it (L3).
+
+    ``tiers`` come after L0 (which is always first), in order. ``kv``: L3 resumes from stored KV
+    prefixes (`p2pcache.kv`); ``kv_remote``: before such a run, the prompt's missing prefix
+    chunks are fetched from peers (needs ``kv``).
+    """
+
     def __init__(
         self,
         store: Store,
@@ -102,29 +110,38 @@ class Resolver:
         model_hash: str,
         identity: Identity,
         tiers: Sequence[Tier] = (),
+        kv: KvPrefixCache | None = None,
+        kv_remote: KvRemote | None = None,
     ) -> None:
+        if kv_remote is not None and kv is None:
+            raise ValueError("kv_remote needs a KV prefix cache (kv)")
         self.store = store
         self.worker = worker
         self.model_hash = model_hash
         self.identity = identity
-        # L0 first, then whatever later layers register (semantic, peers).
-        self.tiers: list[Tier] = [ExactTier(store), *tiers]
+        self.tiers: tuple[Tier, ...] = (ExactTier(store), *tiers)
+        self.kv = kv
+        self.kv_remote = kv_remote
         self._flights: dict[str, _Flight] = {}
         self.computations = 0  # L3 runs, for tests and metrics
-        # L3 resumes from stored KV prefixes when set (LocalNode sets it; p2pcache.kv).
-        self.kv: KvPrefixCache | None = None
-        # Before such an L3 run, fetch the prompt's missing prefix chunks from peers when set.
-        self.kv_remote: KvRemote | None = None
 
-    def keyed(self, request: Request) -> Keyed:
+    async def keyed(self, request: Request) -> Keyed:
+        """Tokenize ``request`` on the model's worker (the backend is not thread-safe), key it."""
         backend = self.worker.backend
-        if request.messages is not None:
-            tokens = backend.chat_tokens(request.messages)
-        else:
-            assert request.prompt is not None
-            tokens = backend.tokenize(request.prompt)
-        backend.check_fits(len(tokens), request.params.max_tokens)
-        return Keyed(request, tokens, input_sha256(self.model_hash, tokens, request.params), self.model_hash)
+
+        def tokens() -> list[int]:
+            if request.messages is not None:
+                toks = backend.chat_tokens(request.messages)
+            else:
+                assert request.prompt is not None
+                toks = backend.tokenize(request.prompt)
+            backend.check_fits(len(toks), request.params.max_tokens)
+            return toks
+
+        toks = await self.worker.run(tokens, bounded=False)  # a cache hit is never refused
+        return Keyed(
+            request, toks, input_sha256(self.model_hash, toks, request.params), self.model_hash
+        )
 
     async def resolve(
         self, request: Request, on_token: TokenHook | None = None, keyed: Keyed | None = None
@@ -134,11 +151,13 @@ class Resolver:
         sampled; never for L0-L2 answers or a single-flight join. ``keyed``: the request
         already tokenized (`keyed`), so a caller that needs the key first tokenizes once."""
         t0 = time.perf_counter()
-        keyed = keyed if keyed is not None else self.keyed(request)
+        keyed = keyed if keyed is not None else await self.keyed(request)
         for tier in self.tiers:
             answer = await tier.lookup(keyed)
             if answer is not None:
-                answer.timings.lookup_ms = answer.timings.total_ms = (time.perf_counter() - t0) * 1000
+                answer.timings.lookup_ms = answer.timings.total_ms = (
+                    time.perf_counter() - t0
+                ) * 1000
                 return answer
         self.store.record_miss()
         lookup_ms = (time.perf_counter() - t0) * 1000
@@ -151,14 +170,16 @@ class Resolver:
         flight = self._flights.get(keyed.key)
         if flight is not None:  # identical request already running: wait for its answer
             await flight.done.wait()
-            if flight.answer is None:
-                raise RuntimeError("the identical request this one waited on failed") from flight.error
-            answer = answer_from_entry_like(flight.answer, keyed)
-            return answer
+            if flight.output is None:
+                raise ComputationFailed(
+                    "the identical request this one waited on failed"
+                ) from flight.error
+            return answer_from_output(flight.output, keyed, "L0", single_flight=True)
         flight = self._flights[keyed.key] = _Flight()
         try:
-            flight.answer = await self._compute(keyed, on_token)
-            return flight.answer
+            answer = await self._compute(keyed, on_token)
+            flight.output = Output(answer.tokens, answer.text, answer.finish_reason)
+            return answer
         except BaseException as exc:
             flight.error = exc
             raise
@@ -185,11 +206,12 @@ class Resolver:
                 kv_peer = await remote.after_generate(keyed, pg, fetched)
         else:
             gen = await self.worker.generate(keyed.tokens, params, on_token)
+        output = Output(tokens=gen.tokens, text=gen.text, finish_reason=gen.finish_reason)
         entry = Entry(
             input_sha256=keyed.key,
             model_hash=keyed.model_hash,
             cache_level="decoder_final",
-            output=Output(tokens=gen.tokens, text=gen.text, finish_reason=gen.finish_reason),
+            output=output,
             params=params.to_dict(),
             privacy_flag=not keyed.request.share,
             producer=self.identity.peer_id,
@@ -202,41 +224,17 @@ class Resolver:
         except StoreError as exc:
             log.warning("answer for %s not cached: %s", keyed.key[:12], exc)
         else:
-            for tier in self.tiers:  # e.g. L1 indexes the new entry's prompt embedding
-                on_stored = getattr(tier, "on_stored", None)
-                if on_stored is not None:
-                    try:
-                        await on_stored(keyed, entry)
-                    except Exception:
-                        log.exception("%s could not index %s", tier.level, keyed.key[:12])
-        return Answer(
-            text=gen.text,
-            tokens=gen.tokens,
-            finish_reason=gen.finish_reason,
-            cache_level="L3",
-            input_sha256=keyed.key,
-            model_hash=keyed.model_hash,
-            timings=Timings(
-                prefill_ms=gen.prefill_ms,
-                decode_ms=gen.decode_ms,
-                prompt_tokens=gen.prompt_tokens,
-                cached_prompt_tokens=cached_tokens,
-                peer_prompt_tokens=kv_peer.tokens if kv_peer is not None else 0,
-                completion_tokens=len(gen.tokens),
-            ),
-            kv_peer=kv_peer,
+            for tier in self.tiers:
+                try:
+                    await tier.on_stored(keyed, entry)
+                except Exception:
+                    log.exception("%s could not take %s", tier.level, keyed.key[:12])
+        timings = Timings(
+            prefill_ms=gen.prefill_ms,
+            decode_ms=gen.decode_ms,
+            prompt_tokens=gen.prompt_tokens,
+            cached_prompt_tokens=cached_tokens,
+            peer_prompt_tokens=kv_peer.tokens if kv_peer is not None else 0,
+            completion_tokens=len(gen.tokens),
         )
-
-
-def answer_from_entry_like(answer: Answer, keyed: Keyed) -> Answer:
-    """A waiter's copy of the answer computed for it: the same output, no compute of its own."""
-    return Answer(
-        text=answer.text,
-        tokens=list(answer.tokens),
-        finish_reason=answer.finish_reason,
-        cache_level="L0",
-        input_sha256=keyed.key,
-        model_hash=keyed.model_hash,
-        timings=Timings(prompt_tokens=len(keyed.tokens), completion_tokens=len(answer.tokens)),
-        single_flight=True,
-    )
+        return answer_from_output(output, keyed, "L3", timings=timings, kv_peer=kv_peer)

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from p2pcache.keys import SamplingParams
+from p2pcache.store import Output
 
 Level = Literal["L0", "L1", "L2", "L3"]
 
@@ -27,6 +28,16 @@ class Request:
             object.__setattr__(self, "messages", tuple(self.messages))
 
 
+@dataclass(frozen=True)
+class Keyed:
+    """A request after tokenization, with its exact key."""
+
+    request: Request
+    tokens: list[int]
+    key: str
+    model_hash: str
+
+
 @dataclass
 class Timings:
     total_ms: float = 0.0
@@ -35,7 +46,9 @@ class Timings:
     decode_ms: float = 0.0
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens restored from a stored KV prefix
-    peer_prompt_tokens: int = 0  # ... of which came from KV chunks fetched from a peer for this request
+    peer_prompt_tokens: int = (
+        0  # ... of which came from KV chunks fetched from a peer for this request
+    )
     completion_tokens: int = 0
 
 
@@ -92,3 +105,32 @@ class Answer:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def answer_from_output(
+    output: Output,
+    keyed: Keyed,
+    level: Level,
+    *,
+    timings: Timings | None = None,
+    single_flight: bool = False,
+    peer: PeerDetails | None = None,
+    kv_peer: KvPeerDetails | None = None,
+    semantic: SemanticDetails | None = None,
+) -> Answer:
+    """The answer to ``keyed`` that replays ``output``, whichever level produced it. Without
+    ``timings`` only the token counts are set (a stored answer costs no model time)."""
+    return Answer(
+        text=output.text,
+        tokens=list(output.tokens),
+        finish_reason=output.finish_reason,
+        cache_level=level,
+        input_sha256=keyed.key,
+        model_hash=keyed.model_hash,
+        timings=timings
+        or Timings(prompt_tokens=len(keyed.tokens), completion_tokens=len(output.tokens)),
+        single_flight=single_flight,
+        peer=peer,
+        kv_peer=kv_peer,
+        semantic=semantic,
+    )

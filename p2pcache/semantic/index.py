@@ -1,6 +1,6 @@
 """Prompt embeddings: the records in LMDB, and a FAISS index per model rebuilt from them.
 
-LMDB (the store's environment, two named databases of our own) is the source of truth:
+LMDB (the store's `LmdbEnv`, two named databases of our own) is the source of truth:
 
 - ``semantic``:     input_sha256 (32 bytes) -> framed, checksummed msgpack `SemanticRecord`
                     (the FAISS id, the prompt text, the vector, the gate's baseline scores).
@@ -31,13 +31,14 @@ import numpy as np
 
 from p2pcache.errors import SnapshotCorrupt  # noqa: F401 - re-exported
 from p2pcache.store import CorruptValue, Store
-from p2pcache.store.records import decode_frame, encode_frame, now_ms
+from p2pcache.store.lmdb_env import Counters, Schema, decode_frame, encode_frame, now_ms
 
 log = logging.getLogger(__name__)
 
 SNAPSHOT_MAGIC = b"P2PSEMIX1\n"
 DEFAULT_HNSW_THRESHOLD = 20_000  # measured: bench/bench_faiss.py, docs/benchmarks.md
 _NEXT = b"next"
+SCHEMA = Schema("semantic", ("semantic", "semantic_ids"))
 
 
 @dataclass
@@ -93,8 +94,12 @@ class SemanticIndex:
         self.hnsw_threshold = hnsw_threshold
         self.save_every = save_every
         self.path = self.dir / f"{model_hash}.faiss"
-        self._records = store.env.open_db(b"semantic")
-        self._ids = store.env.open_db(b"semantic_ids")
+        self.env = store.env
+        dbs = self.env.open(SCHEMA)
+        self._records = dbs["semantic"]
+        self._ids = dbs["semantic_ids"]
+        # the next free FAISS id, big-endian like the id keys beside it
+        self._id_seq = Counters(self._ids, byteorder="big")
         self._lock = threading.RLock()
         self._unsaved = 0
         self.rebuilt = False  # True when open() had to rebuild from LMDB (for tests and logs)
@@ -120,7 +125,8 @@ class SemanticIndex:
         except FileNotFoundError:
             log.info("semantic index %s missing: rebuilding from LMDB", self.path.name)
         except (SnapshotCorrupt, RuntimeError, ValueError) as exc:
-            log.warning("semantic index %s unreadable (%s): rebuilding from LMDB", self.path.name, exc)
+            log.warning("semantic index %s unreadable (%s): rebuilding from LMDB",
+                        self.path.name, exc)
         else:
             added = self._catch_up(index, next_id)
             if added:
@@ -197,15 +203,14 @@ class SemanticIndex:
 
     # -- LMDB records ------------------------------------------------------------------
     def _next_id(self) -> int:
-        with self.store.env.begin(db=self._ids) as txn:
-            raw = txn.get(_NEXT)
-        return int.from_bytes(raw, "big") if raw else 0
+        with self.env.begin() as txn:
+            return self._id_seq.get(txn, _NEXT)
 
     def records(self) -> Iterator[SemanticRecord]:
         """This model's readable records; corrupt ones are dropped."""
         bad: list[bytes] = []
         out: list[SemanticRecord] = []
-        with self.store.env.begin(db=self._records) as txn:
+        with self.env.begin(db=self._records) as txn:
             for k, raw in txn.cursor():
                 try:
                     rec = SemanticRecord.decode(raw)
@@ -220,7 +225,7 @@ class SemanticIndex:
         yield from out
 
     def get(self, input_sha256: str) -> SemanticRecord | None:
-        with self.store.env.begin(db=self._records) as txn:
+        with self.env.begin(db=self._records) as txn:
             raw = txn.get(bytes.fromhex(input_sha256))
         if raw is None:
             return None
@@ -231,7 +236,7 @@ class SemanticIndex:
             return None
 
     def by_id(self, faiss_id: int) -> SemanticRecord | None:
-        with self.store.env.begin(db=self._ids) as txn:
+        with self.env.begin(db=self._ids) as txn:
             key = txn.get(_id_key(faiss_id))
         return self.get(bytes(key).hex()) if key is not None else None
 
@@ -243,17 +248,17 @@ class SemanticIndex:
             if old is not None:
                 return old
             try:
-                with self.store.env.begin(write=True) as txn:
-                    raw = txn.get(_NEXT, db=self._ids)
-                    fid = int.from_bytes(raw, "big") if raw else 0
+                with self.env.begin(write=True) as txn:
+                    fid = self._id_seq.get(txn, _NEXT)
                     rec = SemanticRecord(faiss_id=fid, **rec_fields)
-                    txn.put(_NEXT, (fid + 1).to_bytes(8, "big"), db=self._ids)
+                    self._id_seq.set(txn, _NEXT, fid + 1)
                     txn.put(_id_key(fid), k, db=self._ids)
                     txn.put(k, rec.encode(), db=self._records)
             except lmdb.Error as exc:
                 raise RuntimeError(f"could not store the semantic record: {exc}") from exc
             self._ensure_kind(self.index.ntotal + 1)
-            self.index.add_with_ids(rec.vec()[None, :].astype(np.float32), np.asarray([fid], dtype=np.int64))
+            self.index.add_with_ids(rec.vec()[None, :].astype(np.float32),
+                                    np.asarray([fid], dtype=np.int64))
             self._unsaved += 1
             if self._unsaved >= self.save_every:
                 self._write_snapshot()
@@ -266,7 +271,7 @@ class SemanticIndex:
 
     def _delete_key(self, k: bytes) -> None:
         try:
-            with self.store.env.begin(write=True) as txn:
+            with self.env.begin(write=True) as txn:
                 raw = txn.get(k, db=self._records)
                 if raw is None:
                     return
@@ -296,9 +301,10 @@ class SemanticIndex:
         with self._lock:
             if self.index.ntotal == 0:
                 return []
-            sims, ids = self.index.search(vector.reshape(1, -1).astype(np.float32), min(k, self.index.ntotal))
+            sims, ids = self.index.search(vector.reshape(1, -1).astype(np.float32),
+                                          min(k, self.index.ntotal))
         out = []
-        for sim, fid in zip(sims[0].tolist(), ids[0].tolist()):
+        for sim, fid in zip(sims[0].tolist(), ids[0].tolist(), strict=True):
             if fid < 0:
                 continue
             rec = self.by_id(int(fid))

@@ -24,11 +24,11 @@ import msgpack
 import trio
 
 from p2pcache.backend import BackendWorker
-from p2pcache.resolver import Answer, Keyed, Level, Request, SemanticDetails, Timings
+from p2pcache.resolver import Answer, Keyed, Level, Request, SemanticDetails, answer_from_output
 from p2pcache.semantic.embedder import Embedder
 from p2pcache.semantic.gate import DEFAULT_GATE_TOKENS, DEFAULT_MARGIN, Gate, GateConfig, GateResult
-from p2pcache.semantic.lexical import WordSimilarity
 from p2pcache.semantic.index import DEFAULT_HNSW_THRESHOLD, SemanticIndex
+from p2pcache.semantic.lexical import WordSimilarity
 from p2pcache.store import Entry, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class SemanticTier:
     # -- the ladder ---------------------------------------------------------------------
     async def lookup(self, keyed: Keyed) -> Answer | None:
         request = keyed.request
-        if not getattr(request, "semantic", False):
+        if not request.semantic:
             return None
         text, ctx = request_text(request)
         vec = await self.embed(text)
@@ -145,22 +145,13 @@ class SemanticTier:
                     continue
             self.store.record_hit(rec.input_sha256)
             self.hits += 1
-            return Answer(
-                text=entry.output.text,
-                tokens=list(entry.output.tokens),
-                finish_reason=entry.output.finish_reason,
-                cache_level=self.level,
-                input_sha256=keyed.key,
-                model_hash=keyed.model_hash,
-                timings=Timings(prompt_tokens=len(keyed.tokens), completion_tokens=len(entry.output.tokens)),
-                semantic=SemanticDetails(
-                    similarity=sim,
-                    tau=self.config.tau,
-                    source_input_sha256=rec.input_sha256,
-                    source_prompt=rec.text,
-                    gate=result.to_dict() if result is not None else None,
-                ),
-            )
+            return answer_from_output(entry.output, keyed, self.level, semantic=SemanticDetails(
+                similarity=sim,
+                tau=self.config.tau,
+                source_input_sha256=rec.input_sha256,
+                source_prompt=rec.text,
+                gate=result.to_dict() if result is not None else None,
+            ))
         return None
 
     async def on_stored(self, keyed: Keyed, entry: Entry) -> None:

@@ -1,6 +1,6 @@
-"""The local store: one LMDB environment per data dir.
+"""The entry store: the first tenant of the data dir's LMDB environment (`LmdbEnv`).
 
-Layout (named databases in one environment, each write one short transaction):
+Layout (named databases of the environment, each write one short transaction):
 
 - ``entries``: input_sha256 (32 raw bytes) -> framed, checksummed msgpack `Entry`.
 - ``evict``:   priority (8 bytes, big-endian ms) || input_sha256 -> b"". Walked from the
@@ -28,8 +28,9 @@ from pathlib import Path
 
 import lmdb
 
-from p2pcache.errors import StoreError, EntryTooLarge  # noqa: F401 - re-exported
-from p2pcache.store.records import CorruptValue, Entry, decode_entry, encode_entry, now_ms
+from p2pcache.errors import EntryTooLarge, StoreError  # noqa: F401 - re-exported
+from p2pcache.store.lmdb_env import Counters, LmdbEnv, Schema, now_ms
+from p2pcache.store.records import CorruptValue, Entry, decode_entry, encode_entry
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ _HIT_FLUSH_COUNT = 256
 _HIT_FLUSH_SECONDS = 5.0
 
 COUNTERS = ("entries", "bytes", "inserts", "evictions", "corrupt_dropped", "hits", "misses")
+SCHEMA = Schema("store", ("entries", "evict", "meta"))
 
 
 @dataclass(frozen=True)
@@ -90,12 +92,10 @@ def _encode_sized(entry: Entry) -> bytes:
     return value
 
 
-def _u64(v: bytes | None) -> int:
-    return int.from_bytes(v, "little") if v else 0
-
-
 class Store:
-    """Entries of every model in one LMDB environment under ``path``.
+    """Entries of every model in the LMDB environment under ``path``, which it opens and owns:
+    the other tenants (KV chunks, reputation, the semantic index) open their databases through
+    ``store.env`` and are flushed when the store closes.
 
     Thread-safe: each call opens its own short transaction; the hit buffer has a lock.
     """
@@ -108,7 +108,6 @@ class Store:
         map_size: int | None = None,
     ) -> None:
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
         self.size_cap = int(size_cap)
         # The map is only address space; 2x the cap leaves room for LMDB's free pages.
         # A smaller map_size models a disk that fills up before the cap is reached.
@@ -116,26 +115,21 @@ class Store:
         # Copy-on-write B-trees and free pages need headroom: counted bytes stay under half
         # the map, or a full map could refuse even the deletes that eviction needs.
         self._byte_budget = min(self.size_cap, map_size // 2)
-        self.env = lmdb.open(
-            str(self.path),
-            map_size=map_size,
-            max_dbs=16,
-            sync=durable,
-            metasync=durable,
-            readahead=False,
-        )
-        self._entries = self.env.open_db(b"entries")
-        self._evict = self.env.open_db(b"evict")
-        self._meta = self.env.open_db(b"meta")
+        self.env = LmdbEnv(self.path, map_size=map_size, durable=durable)
+        dbs = self.env.open(SCHEMA)
+        self._entries = dbs["entries"]
+        self._evict = dbs["evict"]
+        self._counters = Counters(dbs["meta"])
         self._hits_lock = threading.Lock()
         self._pending_hits: dict[bytes, int] = {}  # key -> last hit ms
         self._pending_hit_counts: dict[bytes, int] = {}
         self._pending_misses = 0
         self._last_flush = time.monotonic()
+        self.env.on_close(self.flush_hits)
 
     # -- lifecycle -------------------------------------------------------------------
     def close(self) -> None:
-        self.flush_hits()
+        """Flush every tenant's buffered writes (hit counts among them) and close LMDB."""
         self.env.close()
 
     def __enter__(self) -> Store:
@@ -204,7 +198,8 @@ class Store:
     def flush_hits(self) -> None:
         """Write buffered hit counts (advisory statistics) in one transaction."""
         with self._hits_lock:
-            last, counts, misses = self._pending_hits, self._pending_hit_counts, self._pending_misses
+            last, counts = self._pending_hits, self._pending_hit_counts
+            misses = self._pending_misses
             self._pending_hits, self._pending_hit_counts, self._pending_misses = {}, {}, 0
             self._last_flush = time.monotonic()
         if not last and not misses:
@@ -225,9 +220,9 @@ class Store:
                     value = _encode_sized(entry)
                     txn.put(k, value, db=self._entries)
                     txn.put(_evict_key(entry, k), b"", db=self._evict)
-                    self._add(txn, "bytes", len(value) - len(raw))
-                self._add(txn, "hits", sum(counts.values()))
-                self._add(txn, "misses", misses)
+                    self._counters.add(txn, "bytes", len(value) - len(raw))
+                self._counters.add(txn, "hits", sum(counts.values()))
+                self._counters.add(txn, "misses", misses)
         except lmdb.Error as exc:
             log.warning("could not record cache hits (statistics only): %s", exc)
 
@@ -237,7 +232,8 @@ class Store:
         k = _key(entry.input_sha256)
         value = _encode_sized(entry)
         if len(value) > self._byte_budget:
-            raise EntryTooLarge(f"entry of {len(value)} bytes exceeds the store's budget of {self._byte_budget}")
+            raise EntryTooLarge(
+                f"entry of {len(value)} bytes exceeds the store's budget of {self._byte_budget}")
         self.flush_hits()
         # LMDB reuses freed pages only after the freeing transaction commits, so when the map
         # (the disk budget) is full we evict in a transaction of its own, then retry.
@@ -250,25 +246,28 @@ class Store:
                     self._make_room(txn, len(value))
                     txn.put(k, value, db=self._entries)
                     txn.put(_evict_key(entry, k), b"", db=self._evict)
-                    self._add(txn, "entries", 1)
-                    self._add(txn, "bytes", len(value))
-                    self._add(txn, "inserts", 1)
+                    self._counters.add(txn, "entries", 1)
+                    self._counters.add(txn, "bytes", len(value))
+                    self._counters.add(txn, "inserts", 1)
                 return entry
             except lmdb.MapFullError:
                 log.warning("LMDB map full; evicting and retrying")
             except lmdb.Error as exc:  # e.g. ENOSPC at commit: the transaction is aborted
-                raise StoreError(f"could not store entry: {exc}{self._disk_hint(len(value))}") from exc
+                hint = self._disk_hint(len(value))
+                raise StoreError(f"could not store entry: {exc}{hint}") from exc
         raise StoreError("store is full even after evicting half of it")
 
     def _disk_hint(self, need: int) -> str:
         # LMDB reports a short write as EIO; say what the operator should look at.
         free = shutil.disk_usage(self.path).free
-        return f" (disk full: {free} bytes free at {self.path})" if free < 4 * need + (1 << 20) else ""
+        if free >= 4 * need + (1 << 20):
+            return ""
+        return f" (disk full: {free} bytes free at {self.path})"
 
     def _evict_fraction(self, fraction: float) -> None:
         try:
             with self.env.begin(write=True) as txn:
-                total = _u64(txn.get(b"bytes", db=self._meta))
+                total = self._counters.get(txn, "bytes")
                 self._evict_down_to(txn, int(total * (1 - fraction)))
         except lmdb.MapFullError:  # deleting needs a few pages too; nothing more to do
             log.error("LMDB map full even for eviction")
@@ -285,19 +284,19 @@ class Store:
         ] if model_hash else None
         with self.env.begin(write=True) as txn:
             if keys is None:
-                n = _u64(txn.get(b"entries", db=self._meta))
+                n = self._counters.get(txn, "entries")
                 txn.drop(self._entries, delete=False)
                 txn.drop(self._evict, delete=False)
-                txn.put(b"entries", (0).to_bytes(8, "little"), db=self._meta)
-                txn.put(b"bytes", (0).to_bytes(8, "little"), db=self._meta)
+                self._counters.set(txn, "entries", 0)
+                self._counters.set(txn, "bytes", 0)
                 return n
             return sum(self._remove(txn, k) for k in keys)
 
     # -- stats -----------------------------------------------------------------------
     def stats(self) -> StoreStats:
         self.flush_hits()
-        with self.env.begin(db=self._meta) as txn:
-            counters = {name: _u64(txn.get(name.encode())) for name in COUNTERS}
+        with self.env.begin() as txn:
+            counters = self._counters.read(txn, COUNTERS)
         data_file = self.path / "data.mdb"
         return StoreStats(
             path=str(self.path),
@@ -307,12 +306,6 @@ class Store:
         )
 
     # -- internals (inside a write transaction) ---------------------------------------
-    def _add(self, txn: lmdb.Transaction, name: str, delta: int) -> None:
-        if delta:
-            key = name.encode()
-            value = max(0, _u64(txn.get(key, db=self._meta)) + delta)
-            txn.put(key, value.to_bytes(8, "little"), db=self._meta)
-
     def _remove(self, txn: lmdb.Transaction, k: bytes) -> bool:
         raw = txn.get(k, db=self._entries)
         if raw is None:
@@ -322,8 +315,8 @@ class Store:
         except CorruptValue:
             self._delete_evict_refs(txn, k)
         txn.delete(k, db=self._entries)
-        self._add(txn, "entries", -1)
-        self._add(txn, "bytes", -len(raw))
+        self._counters.add(txn, "entries", -1)
+        self._counters.add(txn, "bytes", -len(raw))
         return True
 
     def _delete_evict_refs(self, txn: lmdb.Transaction, k: bytes) -> None:
@@ -338,17 +331,17 @@ class Store:
     def _evict_down_to(self, txn: lmdb.Transaction, target: int) -> None:
         """Evict lowest-priority entries until the counted bytes are at most ``target``."""
         cursor = txn.cursor(db=self._evict)
-        while _u64(txn.get(b"bytes", db=self._meta)) > max(target, 0) and cursor.first():
+        while self._counters.get(txn, "bytes") > max(target, 0) and cursor.first():
             k = bytes(cursor.key()[8:])
             cursor.delete()
             if self._remove(txn, k):
-                self._add(txn, "evictions", 1)
+                self._counters.add(txn, "evictions", 1)
 
     def _drop_corrupt(self, k: bytes, reason: str) -> None:
         log.error("corrupt cache value for %s dropped (%s)", k.hex(), reason)
         try:
             with self.env.begin(write=True) as txn:
                 if self._remove(txn, k):
-                    self._add(txn, "corrupt_dropped", 1)
+                    self._counters.add(txn, "corrupt_dropped", 1)
         except lmdb.Error as exc:
             log.warning("could not drop corrupt value %s: %s", k.hex(), exc)

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import msgpack
+
 from p2pcache.errors import CorruptValue  # noqa: F401 - re-exported
+from p2pcache.store.lmdb_env import decode_frame, encode_frame, now_ms
 
 CacheLevel = Literal["decoder_final", "kv_prefix"]
-
-FRAME_VERSION = 1
-_CHECKSUM_LEN = 16
-_HEADER_LEN = 1 + _CHECKSUM_LEN
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass
@@ -71,22 +64,6 @@ class Entry:
         d = {k: v for k, v in d.items() if k in known}
         d["output"] = Output(**d["output"])
         return cls(**d)
-
-
-def encode_frame(payload: bytes) -> bytes:
-    """``version | blake2b-128(payload) | payload``: cheap to check on every read."""
-    digest = hashlib.blake2b(payload, digest_size=_CHECKSUM_LEN).digest()
-    return bytes([FRAME_VERSION]) + digest + payload
-
-
-def decode_frame(value: bytes | memoryview) -> bytes:
-    value = bytes(value)
-    if len(value) < _HEADER_LEN or value[0] != FRAME_VERSION:
-        raise CorruptValue("bad frame header")
-    payload = value[_HEADER_LEN:]
-    if hashlib.blake2b(payload, digest_size=_CHECKSUM_LEN).digest() != value[1:_HEADER_LEN]:
-        raise CorruptValue("checksum mismatch")
-    return payload
 
 
 def encode_entry(entry: Entry) -> bytes:

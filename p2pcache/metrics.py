@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -39,7 +45,9 @@ class _Live(Collector):
         g = GaugeMetricFamily("p2pcache_peers", "Peers known to the network service.")
         g.add_metric([], v["peers"])
         yield g
-        g = GaugeMetricFamily("p2pcache_peer_score", "Reputation score per peer.", labels=["peer_id"])
+        g = GaugeMetricFamily(
+            "p2pcache_peer_score", "Reputation score per peer.", labels=["peer_id"]
+        )
         for peer_id, score in v["peer_scores"]:
             g.add_metric([peer_id], score)
         yield g
@@ -53,20 +61,29 @@ class NodeMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "p2pcache_http_requests", "HTTP requests by route and status.", ["route", "status"], registry=r
+            "p2pcache_http_requests", "HTTP requests by route and status.", ["route", "status"],
+            registry=r,
         )
-        self.answers = Counter("p2pcache_answers", "Answers by the cache level that served them.", ["level"], registry=r)
+        self.answers = Counter(
+            "p2pcache_answers", "Answers by the cache level that served them.", ["level"],
+            registry=r,
+        )
         self.latency = Histogram(
             "p2pcache_answer_seconds", "Time to answer by cache level.", ["level"], registry=r,
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
         self.single_flight = Counter(
-            "p2pcache_single_flight_joins", "Requests that waited on an identical in-flight request.", registry=r
+            "p2pcache_single_flight_joins",
+            "Requests that waited on an identical in-flight request.",
+            registry=r,
         )
         self.rejected = Counter(
-            "p2pcache_rejected", "Requests refused for overload or shutdown.", ["reason"], registry=r
+            "p2pcache_rejected", "Requests refused for overload or shutdown.", ["reason"],
+            registry=r,
         )
-        self.bytes_fetched = Counter("p2pcache_bytes_fetched", "Bytes fetched from peers.", registry=r)
+        self.bytes_fetched = Counter(
+            "p2pcache_bytes_fetched", "Bytes fetched from peers.", registry=r
+        )
         self.bytes_served = Counter("p2pcache_bytes_served", "Bytes served to peers.", registry=r)
         self.verification_failures = Counter(
             "p2pcache_verification_failures", "Peer answers that failed verification.", registry=r
@@ -76,7 +93,12 @@ class NodeMetrics:
             self.latency.labels(level)
 
     def watch(self, read: Callable[[], dict[str, Any]]) -> None:
+        """Read ``read()`` at every scrape (the node's live values, see `_Live`)."""
         self.registry.register(_Live(read))
+
+    def answers_by_level(self) -> dict[str, int]:
+        """Answers served so far, per cache level (``/admin/cache``)."""
+        return {level: int(self.answers.labels(level)._value.get()) for level in LEVELS}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,8 +1,11 @@
-"""Live server-sent events for ``stream: true``: an L3 answer is sent token by token while the
-model generates it; answers that are complete at once (L0, L1, L2, a single-flight join)
-are sent as before (`p2pcache.api.app.Api._sse`).
+"""Server-sent events for ``stream: true``.
 
-How a streamed request runs (`LiveSSE.__call__`, one trio nursery per response, no orphans):
+An answer that is complete at once (L0, L1, L2, a single-flight join) is sent as one event
+per completion token (`complete_response`). An L3 answer is sent token by token while the
+model generates it (`LiveSSE`). Both end with the same tail (`tail`): the final chunk with
+``finish_reason`` and the full ``x_cache``, the usage chunk if asked for, ``[DONE]``.
+
+How a live stream runs (`LiveSSE.__call__`, one trio nursery per response, no orphans):
 
 - a task resolves the request through the whole ladder with an ``on_token`` hook. The hook
   reaches the model only when this request computes (L3, leading its flight); it runs on the
@@ -13,8 +16,7 @@ How a streamed request runs (`LiveSSE.__call__`, one trio nursery per response, 
   headers go out with ``X-Cache-Level: L3`` and every further piece is one event), or the end
   of the resolution (then the answer is complete, or an error that still gets its proper
   4xx/5xx status, since nothing was sent yet).
-- after the last piece: the rest of the final text (if any), the final chunk with
-  ``finish_reason`` and the full ``x_cache`` (timings), the usage chunk, ``[DONE]``.
+- after the last piece: the rest of the final text (if any), then the tail.
 
 A client that goes away mid-stream does not stop the computation: the model thread cannot be
 interrupted anyway, so the generation runs to its end, is stored (the next identical request
@@ -29,22 +31,33 @@ import codecs
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
+from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from p2pcache.resolver import Answer
+from p2pcache.api.bodies import Bodies, cache_headers, dumps, x_cache, x_cache_live
+from p2pcache.api.errors import ApiError, error_body
+from p2pcache.backend import TokenHook
+from p2pcache.backend.stops import stop_cut
+from p2pcache.resolver import Answer, Keyed
 
 log = logging.getLogger("p2pcache.api")
+
+Detokenize = Callable[[Sequence[int]], bytes]
+"""Token ids -> their bytes (llama.cpp's ``detokenize``, no UTF-8 decoding)."""
 
 # Previous tokens detokenized with each new one: llama.cpp strips the leading space of the
 # first token of a detokenize call, so a token is never detokenized alone.
 _WINDOW = 4
 
-Chunk = Callable[[str | None, str | None, dict[str, Any]], dict[str, Any]]
-"""(text, finish_reason, x_cache) -> one chunk object of the stream."""
+DONE = b"data: [DONE]\n\n"
+
+
+def event(obj: Any) -> bytes:
+    return b"data: " + dumps(obj) + b"\n\n"
 
 
 class LiveText:
@@ -59,7 +72,7 @@ class LiveText:
     at O(1) cost per token instead of detokenizing the whole output every time).
     """
 
-    def __init__(self, detokenize: Callable[[Sequence[int]], bytes], stops: Sequence[str] = ()) -> None:
+    def __init__(self, detokenize: Detokenize, stops: Sequence[str] = ()) -> None:
         self._detok = detokenize
         self.stops = tuple(stops)
         self.tokens: list[int] = []
@@ -84,10 +97,8 @@ class LiveText:
             return ""
         end = len(self.text)
         if self.stops:
-            # Same rule as the decode loop: cut at the earliest stop string. Any occurrence
-            # ends in the new text, else generation would have stopped already.
-            cut = min((k for s in self.stops if (k := self.text.find(s, max(0, before - len(s) + 1))) >= 0),
-                      default=-1)
+            # Any stop string ends in the new text, else generation would have stopped already.
+            cut = stop_cut(self.text, self.stops, new_from=before)
             if cut >= 0:
                 end, self.stopped = cut, True
             else:
@@ -115,33 +126,70 @@ class LiveText:
         return final[len(sent):] if final.startswith(sent) else None
 
 
+def text_pieces(answer: Answer, detokenize: Detokenize, stops: Sequence[str]) -> list[str]:
+    """A complete answer's text cut at token boundaries, one piece per event. Incremental
+    (`LiveText`): a few tokens are detokenized per token, never the whole prefix."""
+    live = LiveText(detokenize, stops)
+    pieces = [p for t in answer.tokens if (p := live.feed(t))]
+    rest = live.rest(answer.text)
+    if rest is None:  # the tokens do not spell the text piecewise: send it whole
+        return [answer.text]
+    if rest:
+        pieces.append(rest)
+    return pieces
+
+
+def tail(
+    bodies: Bodies, answer: Answer, x: dict[str, Any], include_usage: bool
+) -> list[dict[str, Any]]:
+    """The chunks after the text: ``finish_reason`` with the full ``x_cache``, then usage."""
+    chunks = [bodies.chunk(None, answer.finish_reason, x)]
+    if include_usage:
+        chunks.append(bodies.usage_chunk(answer, x))
+    return chunks
+
+
+def complete_response(
+    answer: Answer, bodies: Bodies, pieces: list[str], include_usage: bool
+) -> StreamingResponse:
+    """Stream a complete answer as server-sent events, one event per piece of text."""
+    x = x_cache(answer)
+    chunks = [bodies.chunk(p, None, x, first=i == 0) for i, p in enumerate(pieces or [""])]
+    chunks += tail(bodies, answer, x, include_usage)
+
+    async def events() -> AsyncIterator[bytes]:
+        for c in chunks:
+            yield event(c)
+        yield DONE
+
+    headers = cache_headers(answer.cache_level, answer.input_sha256) | {"Cache-Control": "no-cache"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
 class LiveSSE:
-    """An ASGI response (returned by the endpoint) that resolves the request and streams it."""
+    """An ASGI response (returned by the endpoint) that resolves the request and streams it.
+
+    ``resolve(on_token)`` runs the ladder; its errors are `ApiError`s (anything else is a
+    bug, re-raised). ``detokenize`` and ``stops`` turn tokens into text (`LiveText`).
+    """
 
     def __init__(
         self,
         *,
-        live: LiveText,
-        resolve: Callable[[Callable[[int], None]], Awaitable[Answer]],
-        chunk: Chunk,
-        first: Callable[[dict[str, Any]], dict[str, Any]],
-        x_live: Callable[[], dict[str, Any]],
-        x_final: Callable[[Answer], dict[str, Any]],
-        usage: Callable[[Answer], dict[str, int]] | None,
-        headers: Callable[[str], dict[str, str]],
-        buffered: Callable[[Answer], Any],
-        error_response: Callable[[Exception], Any],
-        error_event: Callable[[Exception], dict[str, Any]],
-        dumps: Callable[[Any], bytes],
+        bodies: Bodies,
+        keyed: Keyed,
+        resolve: Callable[[TokenHook], Awaitable[Answer]],
+        detokenize: Detokenize,
+        stops: Sequence[str],
+        include_usage: bool,
     ) -> None:
-        self.live, self.resolve, self.chunk, self.first = live, resolve, chunk, first
-        self.x_live, self.x_final, self.usage = x_live, x_final, usage
-        self.headers, self.buffered = headers, buffered
-        self.error_response, self.error_event, self.dumps = error_response, error_event, dumps
+        self.bodies, self.keyed, self.resolve = bodies, keyed, resolve
+        self.detokenize, self.stops, self.include_usage = detokenize, tuple(stops), include_usage
+        self.live = LiveText(detokenize, stops)
         self.gone = False  # the client disconnected
         self.events = 0
 
-    def _on_token(self, send_piece: trio.MemorySendChannel[str]) -> Callable[[int], None]:
+    def _on_token(self, send_piece: trio.MemorySendChannel[str]) -> TokenHook:
         """The hook for the model's thread. It never waits for the event loop: the piece is
         queued with ``run_sync_soon``, whose callbacks run in FIFO order and before the one
         that reports the thread's result, so every piece is in the channel before
@@ -177,8 +225,8 @@ class LiveSSE:
 
     async def _event(self, send: Send, obj: Any) -> None:
         self.events += 1
-        await self._send(send, {"type": "http.response.body", "body": b"data: " + self.dumps(obj) + b"\n\n",
-                                "more_body": True})
+        message = {"type": "http.response.body", "body": event(obj), "more_body": True}
+        await self._send(send, message)
 
     async def _watch_disconnect(self, receive: Receive) -> None:
         while True:
@@ -195,6 +243,7 @@ class LiveSSE:
         error: Exception | None = None
         first: str | None = None
         first_event_ms = 0.0
+        x_live = x_cache_live(self.keyed)
 
         async def compute() -> None:
             nonlocal answer, error
@@ -213,44 +262,46 @@ class LiveSSE:
                 pass
             if first is not None:  # live: only an L3 computation calls the hook
                 nursery.start_soon(self._watch_disconnect, receive)
-                headers = self.headers("L3") | {"Cache-Control": "no-cache", "Content-Type": "text/event-stream"}
-                await self._send(send, {
-                    "type": "http.response.start", "status": 200,
-                    "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()],
-                })
-                await self._event(send, self.first(self.chunk(first, None, self.x_live())))
+                headers = cache_headers("L3", self.keyed.key) | {
+                    "Cache-Control": "no-cache", "Content-Type": "text/event-stream",
+                }
+                raw = [(k.lower().encode("latin-1"), v.encode("latin-1"))
+                       for k, v in headers.items()]
+                start = {"type": "http.response.start", "status": 200, "headers": raw}
+                await self._send(send, start)
+                await self._event(send, self.bodies.chunk(first, None, x_live, first=True))
                 first_event_ms = (time.perf_counter() - t0) * 1000
                 async for piece in pieces:
-                    await self._event(send, self.chunk(piece, None, self.x_live()))
+                    await self._event(send, self.bodies.chunk(piece, None, x_live))
                 nursery.cancel_scope.cancel()  # the disconnect watcher (compute has ended)
 
         if first is None:  # nothing was sent: a complete answer, or an error with its status
             if error is not None:
-                response = self.error_response(error)
-                if response is None:
+                if not isinstance(error, ApiError):
                     raise error
-                await response(scope, receive, send)
+                await error.response()(scope, receive, send)
                 return
             assert answer is not None
-            await self.buffered(answer)(scope, receive, send)
+            text = text_pieces(answer, self.detokenize, self.stops)
+            response = complete_response(answer, self.bodies, text, self.include_usage)
+            await response(scope, receive, send)
             return
 
         if error is not None or answer is None:
             log.error("live stream failed after it started", exc_info=error)
-            await self._event(send, self.error_event(error or RuntimeError("no answer")))
+            message = f"generation failed: {error or 'no answer'}"
+            await self._event(send, error_body(message, type="server_error"))
         else:
             rest = self.live.rest(answer.text)
             if rest is None:
-                log.error("streamed text is not a prefix of the answer %s", answer.input_sha256[:12])
+                key = answer.input_sha256[:12]
+                log.error("streamed text is not a prefix of the answer %s", key)
             elif rest:
-                await self._event(send, self.chunk(rest, None, self.x_live()))
-            x = self.x_final(answer)
+                await self._event(send, self.bodies.chunk(rest, None, x_live))
+            x = x_cache(answer)
             # first_event_ms: from the request's start here; events: text events before this one
-            x["stream"] = {"live": True, "first_event_ms": round(first_event_ms, 3), "events": self.events}
-            await self._event(send, self.chunk(None, answer.finish_reason, x))
-            if self.usage is not None:
-                u = self.chunk(None, None, x)
-                u["choices"] = []
-                u["usage"] = self.usage(answer)
-                await self._event(send, u)
-        await self._send(send, {"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+            first_ms = round(first_event_ms, 3)
+            x["stream"] = {"live": True, "first_event_ms": first_ms, "events": self.events}
+            for chunk in tail(self.bodies, answer, x, self.include_usage):
+                await self._event(send, chunk)
+        await self._send(send, {"type": "http.response.body", "body": DONE, "more_body": False})
