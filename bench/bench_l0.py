@@ -65,8 +65,11 @@ def bench_ladder(node: LocalNode, n_tokens: int, runs: int, hits_per_run: int) -
 def fake_entry(i: int) -> Entry:
     key = hashlib.sha256(f"bench/{i}".encode()).hexdigest()
     return Entry(
-        input_sha256=key, model_hash="b" * 64, cache_level="decoder_final",
-        output=Output(tokens=list(range(256)), text="lorem ipsum " * 80), params={"seed": i},
+        input_sha256=key,
+        model_hash="b" * 64,
+        cache_level="decoder_final",
+        output=Output(tokens=list(range(256)), text="lorem ipsum " * 80),
+        params={"seed": i},
     )
 
 
@@ -95,13 +98,19 @@ def bench_lookup(entries: int, lookups: int) -> dict[str, float]:
                 miss.append((time.perf_counter() - t) * 1000)
             size = s.stats().file_bytes
     return {
-        "p50": pct(lat, 50), "p99": pct(lat, 99), "max": max(lat), "miss_p99": pct(miss, 99),
-        "fill_s": fill_s, "file_mb": size / 1e6,
+        "p50": pct(lat, 50),
+        "p99": pct(lat, 99),
+        "max": max(lat),
+        "miss_p99": pct(miss, 99),
+        "fill_s": fill_s,
+        "file_mb": size / 1e6,
     }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--hits", type=int, default=50, help="L0 hits timed per run")
     ap.add_argument("--entries", type=int, default=100_000)
@@ -110,20 +119,32 @@ def main() -> None:
     console = Console()
 
     with tempfile.TemporaryDirectory() as tmp, LocalNode.open(NodeOptions(data_dir=tmp)) as node:
-        console.print(f"model {node.backend.config.model_path.name}, n_gpu_layers={node.backend.n_gpu_layers}")
+        console.print(
+            f"model {node.backend.config.model_path.name}, n_gpu_layers={node.backend.n_gpu_layers}"
+        )
         rows = [(n, bench_ladder(node, n, args.runs, args.hits)) for n in (64, 256)]
     table = Table(title=f"L0 hit vs L3 generation (median of {args.runs} runs)")
     for c in ("max_tokens", "tokens made", "L3 generation ms", "L0 hit ms", "L0 speed-up"):
         table.add_column(c, justify="right")
     for n, r in rows:
-        table.add_row(str(n), f"{r['tokens']:.0f}", f"{r['l3_ms']:.1f}", f"{r['l0_ms']:.3f}", f"{r['speedup']:,.0f}x")
+        table.add_row(
+            str(n),
+            f"{r['tokens']:.0f}",
+            f"{r['l3_ms']:.1f}",
+            f"{r['l0_ms']:.3f}",
+            f"{r['speedup']:,.0f}x",
+        )
     console.print(table)
 
     lk = bench_lookup(args.entries, args.lookups)
     t2 = Table(title=f"LMDB lookup, {args.entries:,} entries, {args.lookups:,} random gets")
     for c in ("p50 ms", "p99 ms", "max ms", "miss p99 ms", "fill s", "file MB"):
         t2.add_column(c, justify="right")
-    t2.add_row(*(f"{lk[k]:.3f}" for k in ("p50", "p99", "max", "miss_p99")), f"{lk['fill_s']:.1f}", f"{lk['file_mb']:.0f}")
+    t2.add_row(
+        *(f"{lk[k]:.3f}" for k in ("p50", "p99", "max", "miss_p99")),
+        f"{lk['fill_s']:.1f}",
+        f"{lk['file_mb']:.0f}",
+    )
     console.print(t2)
 
 

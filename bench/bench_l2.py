@@ -1,6 +1,7 @@
 """L2 (an entry from a peer) against L3 (computing it), and verification against generation.
 
-    flock -x /tmp/p2pcache-bench.lock .venv/bin/python bench/bench_l2.py [--parts verify,e2e,floor] [--runs 3]
+    flock -x /tmp/p2pcache-bench.lock .venv/bin/python bench/bench_l2.py [--parts verify,e2e,floor]
+                                                                         [--runs 3]
 
 ``verify``: in one process, the real model. For 64- and 256-token outputs (greedy and sampled)
 generate an answer (what L3 pays), sign it as a producer would, then time
@@ -10,7 +11,8 @@ comparison, the same output is also run through `LlamaBackend.score` (the full l
 top-k that verification computed before `check`: "score ms").
 
 ``e2e``: three `p2pcache node run` processes on loopback in a line A - B - C (B bootstraps
-from A, C from B; C dials A only once A's adverts reach it, as warm connections do). Per run, one fresh prompt, 256 tokens, greedy:
+from A, C from B; C dials A only once A's adverts reach it, as warm connections do). Per run,
+one fresh prompt, 256 tokens, greedy:
   1. L3 on C: the prompt with ``seed=1`` (greedy ignores the seed, but it is part of the key, so
      nobody has it): C runs the model, same prompt, same output length;
   2. the prompt (``seed=0``) on A: A computes and advertises it;
@@ -53,6 +55,7 @@ def med(xs: list[float]) -> float:
 
 # -- verification vs generation ---------------------------------------------------------
 
+
 def bench_verify(runs: int, sizes: list[int]) -> list[dict[str, Any]]:
     from p2pcache.backend import BackendConfig, LlamaBackend, resolve_model_path
     from p2pcache.identity import Identity
@@ -69,7 +72,9 @@ def bench_verify(runs: int, sizes: list[int]) -> list[dict[str, Any]]:
     class Recording(BackendScorer):  # keeps the last checks: the honest logit gaps, for the table
         last: Any = None
 
-        def check(self, prompt: Any, completion: Any, top_k: int = 0, logprob_floor: Any = None) -> Any:
+        def check(
+            self, prompt: Any, completion: Any, top_k: int = 0, logprob_floor: Any = None
+        ) -> Any:
             self.last = super().check(prompt, completion, top_k, logprob_floor)
             return self.last
 
@@ -79,18 +84,28 @@ def bench_verify(runs: int, sizes: list[int]) -> list[dict[str, Any]]:
         for mode in ("greedy", "sampled"):
             gen_ms, ver_ms, score_ms, made, rejected, worst = [], [], [], [], 0, 0.0
             for i in range(runs):
-                params = SamplingParams(max_tokens=n, temperature=0.0 if mode == "greedy" else 0.8,
-                                        seed=1000 * n + i)
-                prompt = backend.chat_tokens([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
+                params = SamplingParams(
+                    max_tokens=n, temperature=0.0 if mode == "greedy" else 0.8, seed=1000 * n + i
+                )
+                prompt = backend.chat_tokens(
+                    [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+                )
                 t0 = time.perf_counter()
                 gen = backend.generate(prompt, params)
                 gen_ms.append((time.perf_counter() - t0) * 1000)
                 made.append(len(gen.tokens))
                 key = input_sha256(mh, prompt, params)
-                entry = Entry(input_sha256=key, model_hash=mh, cache_level="decoder_final",
-                              output=Output(gen.tokens, gen.text, gen.finish_reason), params=params.to_dict(),
-                              privacy_flag=False, producer=producer.peer_id, verified_by_us=False,
-                              prompt_tokens=len(prompt))
+                entry = Entry(
+                    input_sha256=key,
+                    model_hash=mh,
+                    cache_level="decoder_final",
+                    output=Output(gen.tokens, gen.text, gen.finish_reason),
+                    params=params.to_dict(),
+                    privacy_flag=False,
+                    producer=producer.peer_id,
+                    verified_by_us=False,
+                    prompt_tokens=len(prompt),
+                )
                 entry.signature = producer.sign(entry.signing_payload())
                 t0 = time.perf_counter()
                 verdict = verify_decoder_final(scorer, entry, key, mh, prompt, params)
@@ -101,19 +116,38 @@ def bench_verify(runs: int, sizes: list[int]) -> list[dict[str, Any]]:
                 score_ms.append((time.perf_counter() - t0) * 1000)
                 if not verdict.ok:  # an honest answer rejected: a finding, not a crash
                     rejected += 1
-                    print(f"  honest {mode} {n}-token answer {i} rejected: {verdict.reason}", flush=True)
+                    print(
+                        f"  honest {mode} {n}-token answer {i} rejected: {verdict.reason}",
+                        flush=True,
+                    )
                 sc = scorer.last
-                if mode == "greedy" and sc is not None:  # largest gap where decode != prefill argmax
-                    worst = max([worst] + [sc.gaps[j] for j, t in enumerate(gen.tokens) if sc.argmax[j] != t])
+                if (
+                    mode == "greedy" and sc is not None
+                ):  # largest gap where decode != prefill argmax
+                    worst = max(
+                        [worst]
+                        + [sc.gaps[j] for j, t in enumerate(gen.tokens) if sc.argmax[j] != t]
+                    )
             g, v = med(gen_ms), med(ver_ms)
-            rows.append({"max_tokens": n, "mode": mode, "tokens": med(made), "gen_ms": g, "verify_ms": v,
-                         "score_ms": med(score_ms),
-                         "ratio": v / g, "rejected": rejected, "worst_gap": worst})
+            rows.append(
+                {
+                    "max_tokens": n,
+                    "mode": mode,
+                    "tokens": med(made),
+                    "gen_ms": g,
+                    "verify_ms": v,
+                    "score_ms": med(score_ms),
+                    "ratio": v / g,
+                    "rejected": rejected,
+                    "worst_gap": worst,
+                }
+            )
     shutil.rmtree(tmp, ignore_errors=True)
     return rows
 
 
 # -- end to end on three nodes --------------------------------------------------------
+
 
 @dataclass
 class Node:
@@ -128,14 +162,34 @@ class Node:
         return url if url.startswith("http") else f"http://{url}"
 
 
-def start_node(name: str, data_dir: Path, bootstrap: list[str], ready_timeout: float = 180.0) -> Node:
-    cmd = [sys.executable, "-m", "p2pcache", "node", "run", "--data-dir", str(data_dir), "--http", "127.0.0.1:0",
-           "--listen", "/ip4/127.0.0.1/tcp/0", "--share-by-default"]
+def start_node(
+    name: str, data_dir: Path, bootstrap: list[str], ready_timeout: float = 180.0
+) -> Node:
+    cmd = [
+        sys.executable,
+        "-m",
+        "p2pcache",
+        "node",
+        "run",
+        "--data-dir",
+        str(data_dir),
+        "--http",
+        "127.0.0.1:0",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--share-by-default",
+    ]
     for b in bootstrap:
         cmd += ["--bootstrap", b]
     log_path = data_dir.parent / f"{name}.log"
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_path.open("wb"), text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=log_path.open("wb"),
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.stdout is not None
     deadline = time.monotonic() + ready_timeout
     # The daemon prints exactly one JSON "ready" line once HTTP listens (blocking read; the
@@ -143,7 +197,9 @@ def start_node(name: str, data_dir: Path, bootstrap: list[str], ready_timeout: f
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"node {name} exited (rc={proc.poll()}): {log_path.read_text()[-3000:]}")
+            raise RuntimeError(
+                f"node {name} exited (rc={proc.poll()}): {log_path.read_text()[-3000:]}"
+            )
         try:
             msg = json.loads(line)
         except ValueError:
@@ -151,7 +207,9 @@ def start_node(name: str, data_dir: Path, bootstrap: list[str], ready_timeout: f
         if msg.get("event") == "ready":
             if not msg.get("addrs"):
                 proc.terminate()
-                raise RuntimeError(f"node {name} has no p2p addresses: the network layer is not running")
+                raise RuntimeError(
+                    f"node {name} has no p2p addresses: the network layer is not running"
+                )
             return Node(name, proc, msg, log_path)
     proc.kill()
     raise RuntimeError(f"node {name} not ready in {ready_timeout} s")
@@ -166,16 +224,25 @@ def stop_node(node: Node) -> None:
         node.proc.wait()
 
 
-def http_json(method: str, url: str, body: dict[str, Any] | None = None, timeout: float = 300.0) -> dict[str, Any]:
+def http_json(
+    method: str, url: str, body: dict[str, Any] | None = None, timeout: float = 300.0
+) -> dict[str, Any]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
 
 def chat(node: Node, prompt: str, max_tokens: int, seed: int) -> tuple[float, dict[str, Any]]:
-    body = {"model": node.ready["model"], "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "seed": seed}
+    body = {
+        "model": node.ready["model"],
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "seed": seed,
+    }
     t0 = time.perf_counter()
     out = http_json("POST", f"{node.http}/v1/chat/completions", body)
     return (time.perf_counter() - t0) * 1000, out
@@ -204,8 +271,9 @@ def bench_e2e(runs: int, n_tokens: int, keep: bool) -> dict[str, Any]:
             assert x_cache(on_a).get("level") == "L3", x_cache(on_a)
             key = x_cache(on_a)["input_sha256"]
             seen = http_json("GET", f"{c.http}/admin/providers?key={key}&wait_s=30", timeout=60)
-            if a.ready["peer_id"] not in [p.get("peer_id", p) if isinstance(p, dict) else p
-                                          for p in seen.get("providers", [])]:
+            if a.ready["peer_id"] not in [
+                p.get("peer_id", p) if isinstance(p, dict) else p for p in seen.get("providers", [])
+            ]:
                 raise RuntimeError(f"A's advertisement did not reach C in 30 s: {seen}")
             l2_ms, l2 = chat(c, prompt, n_tokens, seed=0)
             xc = x_cache(l2)
@@ -217,11 +285,19 @@ def bench_e2e(runs: int, n_tokens: int, keep: bool) -> dict[str, Any]:
             l0_ms, l0 = chat(c, prompt, n_tokens, seed=0)
             assert x_cache(l0).get("level") == "L0", x_cache(l0)
             peer = xc.get("peer", {})
-            rows.append({"l3_ms": l3_ms, "l2_ms": l2_ms, "l0_ms": l0_ms,
-                         "tokens": l2.get("usage", {}).get("completion_tokens"),
-                         "l3_tokens": l3.get("usage", {}).get("completion_tokens"),
-                         "fetch_ms": peer.get("fetch_ms"), "verify_ms": peer.get("verify_ms"),
-                         "verified": peer.get("verified"), "bytes": peer.get("bytes")})
+            rows.append(
+                {
+                    "l3_ms": l3_ms,
+                    "l2_ms": l2_ms,
+                    "l0_ms": l0_ms,
+                    "tokens": l2.get("usage", {}).get("completion_tokens"),
+                    "l3_tokens": l3.get("usage", {}).get("completion_tokens"),
+                    "fetch_ms": peer.get("fetch_ms"),
+                    "verify_ms": peer.get("verify_ms"),
+                    "verified": peer.get("verified"),
+                    "bytes": peer.get("bytes"),
+                }
+            )
             print(f"  run {i}: {json.dumps(rows[-1])}", flush=True)
     finally:
         for n in reversed(nodes):
@@ -272,34 +348,55 @@ def main() -> None:
     if "verify" in parts:
         rows = bench_verify(a.runs, [int(x) for x in a.sizes.split(",")])
         print(f"\nVerification vs generation, Gemma 3 270M Q4_K_M, medians of {a.runs} prompts")
-        print(f"{'max_tokens':>10} {'mode':<8} {'tokens':>6} {'generate ms':>12} {'verify ms':>10} "
-              f"{'verify/gen':>17} {'rejected':>8} {'max gap':>8} {'score ms':>9}")
+        print(
+            f"{'max_tokens':>10} {'mode':<8} {'tokens':>6} {'generate ms':>12} {'verify ms':>10} "
+            f"{'verify/gen':>17} {'rejected':>8} {'max gap':>8} {'score ms':>9}"
+        )
         for r in rows:
             gap = f"{r['worst_gap']:.3f}" if r["mode"] == "greedy" else "-"
-            print(f"{r['max_tokens']:>10} {r['mode']:<8} {r['tokens']:>6.0f} {r['gen_ms']:>12.1f} "
-                  f"{r['verify_ms']:>10.1f} {r['ratio']:>8.3f} (1/{1 / r['ratio']:4.1f}) "
-                  f"{r['rejected']:>5}/{a.runs:<2} {gap:>8} {r['score_ms']:>9.1f}")
-        print("rejected: honest answers that failed verification; max gap: largest logit gap where the "
-              "token decoded one at a time is not the argmax of the batched prefill; score ms: the same "
-              "output through LlamaBackend.score (full log-softmax, top-k), as verification ran before")
+            print(
+                f"{r['max_tokens']:>10} {r['mode']:<8} {r['tokens']:>6.0f} {r['gen_ms']:>12.1f} "
+                f"{r['verify_ms']:>10.1f} {r['ratio']:>8.3f} (1/{1 / r['ratio']:4.1f}) "
+                f"{r['rejected']:>5}/{a.runs:<2} {gap:>8} {r['score_ms']:>9.1f}"
+            )
+        print(
+            "rejected: honest answers that failed verification; max gap: largest logit gap "
+            "where the "
+            "token decoded one at a time is not the argmax of the batched prefill; "
+            "score ms: the same "
+            "output through LlamaBackend.score (full log-softmax, top-k), "
+            "as verification ran before"
+        )
     if "floor" in parts:
         print(f"\nOne decode of prompt + 256-token answer, logits at k rows, medians of {a.runs}")
         print(f"{'input tokens':>12} {'logit rows':>10} {'decode ms':>10}")
         for n, rows, ms in bench_floor(a.runs):
             print(f"{n:>12} {rows:>10} {ms:>10.1f}")
-        print("1 row: the transformer body alone; the difference to k rows: the LM head at k positions")
+        print(
+            "1 row: the transformer body alone; "
+            "the difference to k rows: the LM head at k positions"
+        )
     if "e2e" in parts:
-        print(f"\nEnd to end on C, line A - B - C, {a.e2e_tokens} tokens greedy, separate node processes", flush=True)
+        print(
+            f"\nEnd to end on C, line A - B - C, {a.e2e_tokens} tokens greedy, "
+            "separate node processes",
+            flush=True,
+        )
         res = bench_e2e(a.runs, a.e2e_tokens, a.keep)["rows"]
         if res:
             l3, l2, l0 = (med([r[k] for r in res]) for k in ("l3_ms", "l2_ms", "l0_ms"))
             f = med([r["fetch_ms"] for r in res if r["fetch_ms"] is not None])
             v = med([r["verify_ms"] for r in res if r["verify_ms"] is not None])
             print(f"\nmedians of {len(res)} runs (client-side HTTP round trip)")
-            print(f"{'L3 on C ms':>11} {'L2 on C ms':>11} {'of which fetch':>15} {'verify':>8} {'L0 on C ms':>11} "
-                  f"{'L3/L2':>7} {'tokens':>7}")
-            print(f"{l3:>11.1f} {l2:>11.1f} {f:>15.1f} {v:>8.1f} {l0:>11.1f} {l3 / l2:>6.1f}x "
-                  f"{med([r['tokens'] for r in res if r['tokens']]):>7.0f}")
+            print(
+                f"{'L3 on C ms':>11} {'L2 on C ms':>11} {'of which fetch':>15} {'verify':>8} "
+                f"{'L0 on C ms':>11} "
+                f"{'L3/L2':>7} {'tokens':>7}"
+            )
+            print(
+                f"{l3:>11.1f} {l2:>11.1f} {f:>15.1f} {v:>8.1f} {l0:>11.1f} {l3 / l2:>6.1f}x "
+                f"{med([r['tokens'] for r in res if r['tokens']]):>7.0f}"
+            )
 
 
 if __name__ == "__main__":

@@ -3,13 +3,13 @@ trio TCP socket, loopback, server and client in separate processes. Prints a tab
 
     flock -x /tmp/p2pcache-bench.lock .venv/bin/python bench/bench_net_fetch.py --rounds 5 --runs 3
 
-Modes: ``tcp-raw`` (plain socket, no integrity work: the issue's baseline, 3.8 GB/s in one process),
+Modes: ``tcp-raw`` (plain socket, no integrity work: the baseline, 3.8 GB/s in one process),
 ``tcp-sha256`` (plain socket + the sha256 the fetch client does), ``tcp-chacha`` (plain socket
 carrying the same ChaCha20-Poly1305 messages of <= 65,535 bytes as Noise, + sha256: roughly
 what any Noise transport in Python pays; a simple loop, not a tuned floor), ``libp2p-stock``
-(py-libp2p as shipped), ``libp2p-fast`` (with `p2pcache.net.fastpath`). ``--profile DIR`` writes cProfile stats of both processes
-per libp2p mode and prints the top functions (profiling slows the run; figures then are not
-throughput figures).
+(py-libp2p as shipped), ``libp2p-fast`` (with `p2pcache.net.fastpath`). ``--profile DIR`` writes
+cProfile stats of both processes per libp2p mode and prints the top functions (profiling slows
+the run; figures then are not throughput figures).
 """
 
 from __future__ import annotations
@@ -93,13 +93,13 @@ async def serve_tcp(mb: int, cipher: bool) -> None:
             view = memoryview(blob)
             if not cipher:
                 for off in range(0, len(blob), 1 << 20):
-                    await s.send_all(view[off:off + (1 << 20)])
+                    await s.send_all(view[off : off + (1 << 20)])
                 continue
             # As Noise: one AEAD message per <= 65,519 plaintext bytes, 2-byte length prefix,
             # ~1 MB per socket write (what the fast path does).
             parts: list[bytes] = []
             for off in range(0, len(blob), _NOISE_PT):
-                ct = aead.encrypt(_nonce(n), view[off:off + _NOISE_PT], None)
+                ct = aead.encrypt(_nonce(n), view[off : off + _NOISE_PT], None)
                 n += 1
                 parts += (len(ct).to_bytes(2, "big"), ct)
                 if len(parts) >= 32:
@@ -140,12 +140,12 @@ async def client_tcp(port: int, mb: int, runs: int, mode: str) -> list[float]:
                 pos = 0
                 with memoryview(raw) as rv:
                     while len(raw) - pos >= 2:
-                        ln = int.from_bytes(rv[pos:pos + 2], "big")
+                        ln = int.from_bytes(rv[pos : pos + 2], "big")
                         if len(raw) - pos - 2 < ln:
                             break
-                        pt = aead.decrypt(_nonce(nonce), rv[pos + 2:pos + 2 + ln], None)
+                        pt = aead.decrypt(_nonce(nonce), rv[pos + 2 : pos + 2 + ln], None)
                         nonce += 1
-                        dst[done:done + len(pt)] = pt
+                        dst[done : done + len(pt)] = pt
                         done += len(pt)
                         pos += 2 + ln
                 del raw[:pos]
@@ -163,8 +163,9 @@ async def client_tcp(port: int, mb: int, runs: int, mode: str) -> list[float]:
 
 
 def _spawn(args: list[str]) -> tuple[subprocess.Popen[str], str]:
-    p = subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True)
+    p = subprocess.Popen(
+        [sys.executable, __file__, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert p.stdout is not None
     line = p.stdout.readline()  # the readiness line
     if not line.startswith("READY"):
@@ -186,7 +187,9 @@ def _stop(p: subprocess.Popen[str]) -> None:
 def _client(args: list[str]) -> list[float]:
     """One client process (the fast path patches py-libp2p process-wide, so stock and fast
     clients must not share a process); it prints its timings as the last line."""
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, timeout=300
+    )
     if out.returncode != 0:
         raise RuntimeError(f"client failed: {out.stderr[-2000:]}")
     return [float(x) for x in out.stdout.strip().splitlines()[-1].split()]
@@ -216,7 +219,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3, help="timed fetches per client process")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds; each runs every mode once, interleaved")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="rounds; each runs every mode once, interleaved"
+    )
     ap.add_argument("--role", default="bench")
     ap.add_argument("--fast", type=int, default=1)
     ap.add_argument("--cipher", type=int, default=0)
@@ -234,7 +239,9 @@ def main() -> None:
         trio.run(serve_tcp, a.mb, bool(a.cipher))
         return
     if a.role == "client-libp2p":
-        secs = _run(client_libp2p, a.addr, a.mb, a.runs, bool(a.fast), prof=prof(f"client-{tag}.prof"))
+        secs = _run(
+            client_libp2p, a.addr, a.mb, a.runs, bool(a.fast), prof=prof(f"client-{tag}.prof")
+        )
         print(" ".join(f"{x:.6f}" for x in secs))
         return
     if a.role == "client-tcp":
@@ -251,28 +258,61 @@ def main() -> None:
     try:
         for m in modes:
             if m.startswith("tcp"):
-                servers[m] = _spawn(["--role", "serve-tcp", "--mb", str(a.mb), "--cipher", str(int(m == "tcp-chacha"))])
+                servers[m] = _spawn(
+                    [
+                        "--role",
+                        "serve-tcp",
+                        "--mb",
+                        str(a.mb),
+                        "--cipher",
+                        str(int(m == "tcp-chacha")),
+                    ]
+                )
             else:
-                servers[m] = _spawn(["--role", "serve-libp2p", "--mb", str(a.mb),
-                                     "--fast", str(int(m == "libp2p-fast")), *extra])
+                servers[m] = _spawn(
+                    [
+                        "--role",
+                        "serve-libp2p",
+                        "--mb",
+                        str(a.mb),
+                        "--fast",
+                        str(int(m == "libp2p-fast")),
+                        *extra,
+                    ]
+                )
         for _ in range(a.rounds):
             for m in modes:
                 common = ["--addr", servers[m][1], "--mb", str(a.mb), "--runs", str(a.runs)]
                 if m.startswith("tcp"):
                     samples[m] += _client(["--role", "client-tcp", "--mode", m, *common])
                 else:
-                    samples[m] += _client(["--role", "client-libp2p", "--fast", str(int(m == "libp2p-fast")),
-                                           *common, *extra])
+                    samples[m] += _client(
+                        [
+                            "--role",
+                            "client-libp2p",
+                            "--fast",
+                            str(int(m == "libp2p-fast")),
+                            *common,
+                            *extra,
+                        ]
+                    )
     finally:
         for p, _ in servers.values():
             _stop(p)
-    print(f"\n{a.mb} MB value, loopback, separate processes; {a.rounds} interleaved rounds x {a.runs} "
-          f"fetches (+1 warm-up each); 1-min load average {load0:.2f} at start, {os.getloadavg()[0]:.2f} at end")
+    print(
+        f"\n{a.mb} MB value, loopback, separate processes; {a.rounds} interleaved rounds "
+        f"x {a.runs} "
+        f"fetches (+1 warm-up each); 1-min load average {load0:.2f} at start, "
+        f"{os.getloadavg()[0]:.2f} at end"
+    )
     print(f"{'transport':<14} {'median s':>9} {'MB/s':>8} {'min s':>7} {'max s':>7} {'n':>3}")
     for m in modes:
         secs = samples[m]
         med = statistics.median(secs)
-        print(f"{m:<14} {med:9.3f} {(a.mb << 20) / med / 1e6:8.1f} {min(secs):7.3f} {max(secs):7.3f} {len(secs):3d}")
+        print(
+            f"{m:<14} {med:9.3f} {(a.mb << 20) / med / 1e6:8.1f} {min(secs):7.3f} "
+            f"{max(secs):7.3f} {len(secs):3d}"
+        )
     if a.profile:
         for f in sorted(Path(a.profile).glob("*.prof")):
             _top(str(f))

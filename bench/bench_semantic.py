@@ -54,9 +54,14 @@ def main() -> None:
     node = LocalNode.open(NodeOptions(data_dir=tmp, semantic=True, n_ctx=2048, durable=False))
     tier = node.semantic
     assert tier is not None
-    counts = ", ".join(f"{k} {sum(p['label'] == k for p in pairs)}" for k in ("paraphrase", "unrelated", "near_miss"))
-    print(f"pairs: {args.pairs.name}, {len(pairs)} ({counts}); "
-          f"cached prompts: {len(cached_texts)}; tau {tier.config.tau}, margin {tier.config.margin}")
+    counts = ", ".join(
+        f"{k} {sum(p['label'] == k for p in pairs)}"
+        for k in ("paraphrase", "unrelated", "near_miss")
+    )
+    print(
+        f"pairs: {args.pairs.name}, {len(pairs)} ({counts}); "
+        f"cached prompts: {len(cached_texts)}; tau {tier.config.tau}, margin {tier.config.margin}"
+    )
 
     # -- 1. fill the cache (L3), then end-to-end lookups at the defaults -----------------
     gen_ms: dict[str, float] = {}
@@ -80,12 +85,22 @@ def main() -> None:
         row[2] += 1
         if a.cache_level == "L1":
             l1_ms.append((time.perf_counter() - t0) * 1000)
-            l1_gate.append((a.semantic.gate["ms"], gen_ms.get(a.semantic.source_prompt[len("Question: "):-len("\nAnswer:")], 0.0)))
+            l1_gate.append(
+                (
+                    a.semantic.gate["ms"],
+                    gen_ms.get(
+                        a.semantic.source_prompt[len("Question: ") : -len("\nAnswer:")], 0.0
+                    ),
+                )
+            )
             right = p["label"] == "paraphrase" and a.semantic.source_prompt == qa(p["cached"])
             row[0 if right else 1] += 1
             if not right:
-                wrong.append(f"  [{p['kind']}] {p['query']!r} got the answer of {a.semantic.source_prompt!r} "
-                             f"(sim {a.semantic.similarity:.3f}, gate delta {a.semantic.gate['delta']:.2f})")
+                wrong.append(
+                    f"  [{p['kind']}] {p['query']!r} got the answer of "
+                    f"{a.semantic.source_prompt!r} "
+                    f"(sim {a.semantic.similarity:.3f}, gate delta {a.semantic.gate['delta']:.2f})"
+                )
         # drop the query's own L3 entry so later queries see only the cached prompts
         if a.cache_level == "L3":
             node.store.delete(a.input_sha256)
@@ -94,13 +109,21 @@ def main() -> None:
     print("| queries | served from L1 | served the right answer | served a wrong answer |")
     print("|---|---:|---:|---:|")
     for label, (ok, bad, n) in e2e.items():
-        print(f"| {label} ({n}) | {ok + bad} ({(ok + bad) / n:.1%}) | {ok} ({ok / n:.1%}) | {bad} ({bad / n:.1%}) |")
+        print(
+            f"| {label} ({n}) | {ok + bad} ({(ok + bad) / n:.1%}) | {ok} ({ok / n:.1%}) "
+            f"| {bad} ({bad / n:.1%}) |"
+        )
     if wrong:
         print("\nWrong answers served:\n" + "\n".join(wrong))
     if l1_ms:
-        print(f"\nL1 hit latency (resolve, incl. embed + search + gate): median {statistics.median(l1_ms):.0f} ms; "
-              f"the gate alone (lexical + prefill) median {statistics.median(g for g, _ in l1_gate):.0f} ms; "
-              f"L3 generation of the answers served median {statistics.median(x for _, x in l1_gate):.0f} ms")
+        print(
+            f"\nL1 hit latency (resolve, incl. embed + search + gate): "
+            f"median {statistics.median(l1_ms):.0f} ms; "
+            f"the gate alone (lexical + prefill) "
+            f"median {statistics.median(g for g, _ in l1_gate):.0f} ms; "
+            f"L3 generation of the answers served "
+            f"median {statistics.median(x for _, x in l1_gate):.0f} ms"
+        )
 
     # -- 2. pairwise scores ------------------------------------------------------------
     emb = tier.embedder
@@ -147,26 +170,42 @@ def main() -> None:
 
     print("\n## Pairwise sweep (cache holds the pair's prompt, the query asks the other)\n")
     print(f"margin {DEFAULT_MARGIN} nats/token for the model gate\n")
-    print("| tau | gate | precision | paraphrases served (recall) | false hits, near-misses | false hits, unrelated |")
+    print(
+        "| tau | gate | precision | paraphrases served (recall) | false hits, near-misses "
+        "| false hits, unrelated |"
+    )
     print("|---:|---|---:|---:|---:|---:|")
     for tau in (0.60, 0.70, 0.75, 0.80, 0.85, 0.90, 0.95):
         for mode in ("none", "lexical", "model", "both"):
             r = rates(tau, mode)
             mark = " **(default)**" if abs(tau - DEFAULT_TAU) < 1e-9 and mode == "both" else ""
-            print(f"| {tau:.2f} | {mode}{mark} | {r['precision']:.1%} | {r['recall']:.1%} | {r['fh_near']:.1%} | {r['fh_unrel']:.1%} |")
+            print(
+                f"| {tau:.2f} | {mode}{mark} | {r['precision']:.1%} | {r['recall']:.1%} "
+                f"| {r['fh_near']:.1%} | {r['fh_unrel']:.1%} |"
+            )
     print(f"\n### Margin sweep at tau {DEFAULT_TAU} (gate: lexical + model)\n")
     print("| margin | precision | recall | false hits, near-misses |")
     print("|---:|---:|---:|---:|")
     for margin in (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 1e9):
         r = rates(DEFAULT_TAU, "both", margin)
-        print(f"| {'inf' if margin > 1e8 else margin} | {r['precision']:.1%} | {r['recall']:.1%} | {r['fh_near']:.1%} |")
+        print(
+            f"| {'inf' if margin > 1e8 else margin} | {r['precision']:.1%} | {r['recall']:.1%} "
+            f"| {r['fh_near']:.1%} |"
+        )
     near = [r for r in rows if r["label"] == "near_miss" and r["sim"] >= DEFAULT_TAU]
-    print(f"\nNear-misses above tau {DEFAULT_TAU}: {len(near)}; caught by lexical {sum(r['lex'] is not None for r in near)}, "
-          f"by the model only {sum(r['lex'] is None and r['delta'] < -DEFAULT_MARGIN for r in near)}, "
-          f"passed both {sum(r['lex'] is None and r['delta'] >= -DEFAULT_MARGIN for r in near)}")
+    print(
+        f"\nNear-misses above tau {DEFAULT_TAU}: {len(near)}; "
+        f"caught by lexical {sum(r['lex'] is not None for r in near)}, "
+        f"by the model only "
+        f"{sum(r['lex'] is None and r['delta'] < -DEFAULT_MARGIN for r in near)}, "
+        f"passed both {sum(r['lex'] is None and r['delta'] >= -DEFAULT_MARGIN for r in near)}"
+    )
     for r in near:
         if r["lex"] is None and r["delta"] >= -DEFAULT_MARGIN:
-            print(f"  passed: [{r['kind']}] {r['cached']!r} -> {r['query']!r} sim {r['sim']:.3f} delta {r['delta']:.2f}")
+            print(
+                f"  passed: [{r['kind']}] {r['cached']!r} -> {r['query']!r} sim {r['sim']:.3f} "
+                f"delta {r['delta']:.2f}"
+            )
 
     # -- 2b. index-wide sweep -------------------------------------------------------------
     # What the ladder does with the whole index, for other settings than the defaults: each
@@ -184,7 +223,7 @@ def main() -> None:
                 return False
         if mode in ("model", "both"):
             if key not in delta_memo:
-                ans = answers[rec.text[len("Question: "):-len("\nAnswer:")]][: rec.gate_tokens]
+                ans = answers[rec.text[len("Question: ") : -len("\nAnswer:")]][: rec.gate_tokens]
                 s_ = node.backend.score(node.backend.tokenize(qa(query)), ans)
                 delta_memo[key] = s_.mean_logprob - rec.base_logprob
             if delta_memo[key] < -margin:
@@ -192,9 +231,13 @@ def main() -> None:
         return True
 
     queries = [p for p in pairs if p["label"] != "unrelated"]
-    neighbours = {p["query"]: tier.index.search(emb.embed_one(qa(p["query"])), tier.config.k) for p in queries}
+    neighbours = {
+        p["query"]: tier.index.search(emb.embed_one(qa(p["query"])), tier.config.k) for p in queries
+    }
 
-    def index_wide(tau: float, mode: str, margin: float = DEFAULT_MARGIN) -> tuple[int, int, int, int]:
+    def index_wide(
+        tau: float, mode: str, margin: float = DEFAULT_MARGIN
+    ) -> tuple[int, int, int, int]:
         right = wrong_para = wrong_near = 0
         for p in queries:
             served = None
@@ -219,13 +262,19 @@ def main() -> None:
     n_para = sum(p["label"] == "paraphrase" for p in queries)
     n_near = len(queries) - n_para
     print("\n## Index-wide sweep (every cached prompt in one index, gated as the ladder does)\n")
-    print("| tau | gate | paraphrases served their answer | paraphrases served another answer | near-misses served (false hits) |")
+    print(
+        "| tau | gate | paraphrases served their answer | paraphrases served another answer "
+        "| near-misses served (false hits) |"
+    )
     print("|---:|---|---:|---:|---:|")
     for tau in (0.70, 0.75, 0.80, 0.85, 0.90):
         for mode in ("none", "lexical", "both"):
             right, wp, wn, _ = index_wide(tau, mode)
             mark = " **(default)**" if abs(tau - DEFAULT_TAU) < 1e-9 and mode == "both" else ""
-            print(f"| {tau:.2f} | {mode}{mark} | {right} ({right / n_para:.1%}) | {wp} ({wp / n_para:.1%}) | {wn} ({wn / n_near:.1%}) |")
+            print(
+                f"| {tau:.2f} | {mode}{mark} | {right} ({right / n_para:.1%}) "
+                f"| {wp} ({wp / n_para:.1%}) | {wn} ({wn / n_near:.1%}) |"
+            )
     print(f"\nmargin sweep at tau {DEFAULT_TAU}, gate lexical + model:\n")
     print("| margin | paraphrases served their answer | near-misses served |")
     print("|---:|---:|---:|")
@@ -240,10 +289,17 @@ def main() -> None:
     # flat in the answer length while generation grows with it.
     ratios = [g / max(gen, 1e-9) for g, gen in gate_ms]
     print("\n## Gate cost\n")
-    print("| answers | median answer tokens | median generation ms | median gate ms (embed + lexical + prefill) | median gate / generation |")
+    print(
+        "| answers | median answer tokens | median generation ms "
+        "| median gate ms (embed + lexical + prefill) | median gate / generation |"
+    )
     print("|---|---:|---:|---:|---:|")
-    print(f"| QA set as cached (stop at newline, <=48 tokens) | {statistics.median(len(v) for v in answers.values()):.0f} | "
-          f"{statistics.median(gen for _, gen in gate_ms):.0f} | {statistics.median(g for g, _ in gate_ms):.0f} | {statistics.median(ratios):.2f} |")
+    print(
+        f"| QA set as cached (stop at newline, <=48 tokens) "
+        f"| {statistics.median(len(v) for v in answers.values()):.0f} | "
+        f"{statistics.median(gen for _, gen in gate_ms):.0f} "
+        f"| {statistics.median(g for g, _ in gate_ms):.0f} | {statistics.median(ratios):.2f} |"
+    )
     n_long = min(8, len(cached_texts))
     for max_tokens in (16, 64, 128, 256):
         long_rows = []
@@ -257,9 +313,14 @@ def main() -> None:
             lexical_reject(qa(text), qa(text), similarity)
             node.backend.score(toks, g.tokens[: tier.config.gate_tokens])
             long_rows.append((len(g.tokens), gen, (time.perf_counter() - t0) * 1000))
-        print(f"| up to {max_tokens} tokens ({n_long} prompts; gate scores the first {tier.config.gate_tokens}) | "
-              f"{statistics.median(r[0] for r in long_rows):.0f} | {statistics.median(r[1] for r in long_rows):.0f} | "
-              f"{statistics.median(r[2] for r in long_rows):.0f} | {statistics.median(r[2] / r[1] for r in long_rows):.2f} |")
+        print(
+            f"| up to {max_tokens} tokens ({n_long} prompts; "
+            f"gate scores the first {tier.config.gate_tokens}) | "
+            f"{statistics.median(r[0] for r in long_rows):.0f} "
+            f"| {statistics.median(r[1] for r in long_rows):.0f} | "
+            f"{statistics.median(r[2] for r in long_rows):.0f} "
+            f"| {statistics.median(r[2] / r[1] for r in long_rows):.2f} |"
+        )
     node.close()
     print(f"\n(scores per pair: {tmp / 'pair_scores.json'})")
 

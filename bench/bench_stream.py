@@ -3,7 +3,8 @@ of streaming live (per-token hook) vs not streaming.
 
 First, in process: the decode loop with and without the live hook (see `hook_cost`).
 
-    flock -x /tmp/p2pcache-bench.lock .venv/bin/python bench/bench_stream.py [--tokens 256] [--runs 3]
+    flock -x /tmp/p2pcache-bench.lock .venv/bin/python bench/bench_stream.py [--tokens 256]
+                                                                             [--runs 3]
 
 Starts `p2pcache node run` as a separate process (n_ctx 2048), then per run: one streamed
 completion (a fresh prompt, so L3) read with the official `openai` client, recording when the
@@ -64,11 +65,15 @@ def hook_cost(tokens: int, runs: int) -> None:
             hook_s.append(time.perf_counter() - t)
 
         async with trio.open_nursery() as nursery:
+
             async def drain() -> None:
                 async for _ in recv:
                     pass
+
             nursery.start_soon(drain)
-            gen = await trio.to_thread.run_sync(lambda: backend.generate(prompt, params, hook if hooked else None))
+            gen = await trio.to_thread.run_sync(
+                lambda: backend.generate(prompt, params, hook if hooked else None)
+            )
             send.close()
         return gen.decode_ms / max(1, len(gen.tokens))
 
@@ -79,8 +84,12 @@ def hook_cost(tokens: int, runs: int) -> None:
     print(f"in process, {tokens} tokens, medians of {runs} alternating runs:")
     print("| decode ms/token, no hook | decode ms/token, live hook | hook us/token (median) |")
     print("|---:|---:|---:|")
-    print(f"| {statistics.median(per_tok['no hook']):.2f} | {statistics.median(per_tok['live hook']):.2f} | "
-          f"{statistics.median(hook_s) * 1e6:.1f} |\n", flush=True)
+    print(
+        f"| {statistics.median(per_tok['no hook']):.2f} "
+        f"| {statistics.median(per_tok['live hook']):.2f} | "
+        f"{statistics.median(hook_s) * 1e6:.1f} |\n",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -92,7 +101,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         node = start_node("stream", Path(tmp) / "node", extra=("--n-ctx", "2048"))
         try:
-            client = openai.OpenAI(base_url=node.url + "/v1", api_key="unused", timeout=600, max_retries=0)
+            client = openai.OpenAI(
+                base_url=node.url + "/v1", api_key="unused", timeout=600, max_retries=0
+            )
             model = node.ready["model"]
             client.completions.create(model=model, prompt=prompt(), max_tokens=8)  # warm-up
             rows = []
@@ -101,7 +112,9 @@ def main() -> None:
                 t0 = time.perf_counter()
                 first = None
                 texts, last = [], None
-                for chunk in client.completions.create(model=model, prompt=p, max_tokens=args.tokens, stream=True):
+                for chunk in client.completions.create(
+                    model=model, prompt=p, max_tokens=args.tokens, stream=True
+                ):
                     if first is None and chunk.choices and chunk.choices[0].text:
                         first = time.perf_counter() - t0
                     if chunk.choices:
@@ -111,26 +124,40 @@ def main() -> None:
                 x = (last.model_extra or {})["x_cache"]
                 assert x["level"] == "L3", x
                 n_tok = x["timings"]["completion_tokens"]
-                plain = client.completions.create(model=model, prompt=prompt(), max_tokens=args.tokens)
+                plain = client.completions.create(
+                    model=model, prompt=prompt(), max_tokens=args.tokens
+                )
                 px = (plain.model_extra or {})["x_cache"]
                 again = client.completions.create(model=model, prompt=p, max_tokens=args.tokens)
                 assert (again.model_extra or {})["x_cache"]["level"] == "L0"
-                assert "".join(texts) == again.choices[0].text, "streamed text differs from the cached text"
-                rows.append({
-                    "tokens": n_tok, "first_s": first, "end_s": end,
-                    "stream_ms_tok": x["timings"]["decode_ms"] / max(1, n_tok),
-                    "plain_ms_tok": px["timings"]["decode_ms"] / max(1, px["timings"]["completion_tokens"]),
-                })
+                assert "".join(texts) == again.choices[0].text, (
+                    "streamed text differs from the cached text"
+                )
+                rows.append(
+                    {
+                        "tokens": n_tok,
+                        "first_s": first,
+                        "end_s": end,
+                        "stream_ms_tok": x["timings"]["decode_ms"] / max(1, n_tok),
+                        "plain_ms_tok": px["timings"]["decode_ms"]
+                        / max(1, px["timings"]["completion_tokens"]),
+                    }
+                )
                 print(rows[-1], flush=True)
         finally:
             node.stop()
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     print(f"\nmedians of {len(rows)} runs, max_tokens {args.tokens}:")
-    print("| completion tokens | first text chunk s | stream end s | decode ms/token streamed | "
-          "decode ms/token not streamed |")
+    print(
+        "| completion tokens | first text chunk s | stream end s | decode ms/token streamed | "
+        "decode ms/token not streamed |"
+    )
     print("|---:|---:|---:|---:|---:|")
-    print(f"| {med['tokens']:.0f} | {med['first_s']:.3f} | {med['end_s']:.2f} | {med['stream_ms_tok']:.2f} | "
-          f"{med['plain_ms_tok']:.2f} |")
+    print(
+        f"| {med['tokens']:.0f} | {med['first_s']:.3f} | {med['end_s']:.2f} "
+        f"| {med['stream_ms_tok']:.2f} | "
+        f"{med['plain_ms_tok']:.2f} |"
+    )
 
 
 if __name__ == "__main__":

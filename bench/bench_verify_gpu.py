@@ -53,7 +53,9 @@ SHAPES: dict[str, tuple[int, int, int, int, int, int, int]] = {
 
 
 def load_checks() -> Any:
-    spec = importlib.util.spec_from_file_location("logit_checks", ROOT / "p2pcache/backend/logit_checks.py")
+    spec = importlib.util.spec_from_file_location(
+        "logit_checks", ROOT / "p2pcache/backend/logit_checks.py"
+    )
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
     sys.modules["logit_checks"] = mod  # dataclasses look the module up by name
@@ -116,10 +118,19 @@ def write_model(path: Path, shape: str) -> None:
 
 
 class Bench:
-    def __init__(self, path: Path, gpu_layers: int, n_ctx: int, n_batch: int, n_ubatch: int) -> None:
-        self.llm = llama_cpp.Llama(model_path=str(path), n_gpu_layers=gpu_layers, n_ctx=n_ctx,
-                                   n_batch=n_batch, n_ubatch=n_ubatch, flash_attn=True,
-                                   n_threads=min(16, os.cpu_count() or 1), verbose=False)
+    def __init__(
+        self, path: Path, gpu_layers: int, n_ctx: int, n_batch: int, n_ubatch: int
+    ) -> None:
+        self.llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_gpu_layers=gpu_layers,
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            n_ubatch=n_ubatch,
+            flash_attn=True,
+            n_threads=min(16, os.cpu_count() or 1),
+            verbose=False,
+        )
         self.n_vocab = self.llm.n_vocab()
         self.checks = load_checks()
         self.agree: dict[str, float] = {}
@@ -182,7 +193,9 @@ class Bench:
             res = reduce.result()
             assert len(res.gaps) == n
             # Greedy outputs: how often the prefill's argmax is the decoded token (a sanity check).
-            self.agree[f"{mode}@{chunk}"] = sum(x == y for x, y in zip(res.argmax, completion)) / n
+            self.agree[f"{mode}@{chunk}"] = (
+                sum(x == y for x, y in zip(res.argmax, completion, strict=False)) / n
+            )
         return time.perf_counter() - t0
 
 
@@ -217,8 +230,11 @@ def main() -> None:
     ap.add_argument("--sizes", default="64,256")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--chunks", default="64,512,0",
-                    help="rows per verification decode; 0: prompt and output in one decode")
+    ap.add_argument(
+        "--chunks",
+        default="64,512,0",
+        help="rows per verification decode; 0: prompt and output in one decode",
+    )
     ap.add_argument("--gpu-layers", type=int, default=-1)
     ap.add_argument("--n-batch", type=int, default=2048)
     ap.add_argument("--n-ubatch", type=int, default=512)
@@ -230,8 +246,11 @@ def main() -> None:
         for s in shapes:
             t0 = time.perf_counter()
             write_model(a.write / f"{s}.gguf", s)
-            print(f"wrote {s}.gguf ({(a.write / f'{s}.gguf').stat().st_size / 1e9:.2f} GB) "
-                  f"in {time.perf_counter() - t0:.1f} s", flush=True)
+            print(
+                f"wrote {s}.gguf ({(a.write / f'{s}.gguf').stat().st_size / 1e9:.2f} GB) "
+                f"in {time.perf_counter() - t0:.1f} s",
+                flush=True,
+            )
         return
     print("llama.cpp GPU offload:", llama_cpp.llama_supports_gpu_offload(), flush=True)
     sizes = [int(x) for x in a.sizes.split(",")]
@@ -241,33 +260,49 @@ def main() -> None:
         b = Bench(a.models / f"{s}.gguf", a.gpu_layers, 4096, a.n_batch, a.n_ubatch)
         rng = np.random.default_rng(1)
         for n in sizes:
-          for gmode, temp in (("greedy", 0.0), ("sampled", 0.8)):
-            gen_s: list[float] = []
-            ver: dict[str, list[float]] = {}
-            modes = ("prefill", gmode, "full")
-            for r in range(a.runs + 1):  # run 0 warms up (CUDA graphs, allocations)
-                prompt = rng.integers(259, b.n_vocab, a.prompt_tokens).tolist()
-                out, g = b.generate(prompt, n, temp)
-                times = {f"{m}@{c}": b.verify(prompt, out, m, c) for c in chunks for m in modes}
-                if r == 0:
-                    continue
-                gen_s.append(g)
-                for k, v in times.items():
-                    ver.setdefault(k, []).append(v)
-            row = {"shape": s, "n_vocab": b.n_vocab, "tokens": n, "mode": gmode,
-                   "prompt_tokens": a.prompt_tokens, "generate_ms": 1000 * statistics.median(gen_s),
-                   "verify_ms": {k: 1000 * statistics.median(v) for k, v in ver.items()},
-                   "argmax_agreement": dict(b.agree)}
-            rows.append(row)
-            g = row["generate_ms"]
-            print(f"{s} n_vocab {b.n_vocab} {n} tokens {gmode}: generate {g:.1f} ms; argmax == token in "
-                  f"{b.agree}", flush=True)
-            for k, v in row["verify_ms"].items():
-                print(f"    verify {k:<14} {v:8.2f} ms   verify/generate {v / g:.4f} (1/{g / v:.0f})", flush=True)
+            for gmode, temp in (("greedy", 0.0), ("sampled", 0.8)):
+                gen_s: list[float] = []
+                ver: dict[str, list[float]] = {}
+                modes = ("prefill", gmode, "full")
+                for r in range(a.runs + 1):  # run 0 warms up (CUDA graphs, allocations)
+                    prompt = rng.integers(259, b.n_vocab, a.prompt_tokens).tolist()
+                    out, g = b.generate(prompt, n, temp)
+                    times = {f"{m}@{c}": b.verify(prompt, out, m, c) for c in chunks for m in modes}
+                    if r == 0:
+                        continue
+                    gen_s.append(g)
+                    for k, v in times.items():
+                        ver.setdefault(k, []).append(v)
+                row = {
+                    "shape": s,
+                    "n_vocab": b.n_vocab,
+                    "tokens": n,
+                    "mode": gmode,
+                    "prompt_tokens": a.prompt_tokens,
+                    "generate_ms": 1000 * statistics.median(gen_s),
+                    "verify_ms": {k: 1000 * statistics.median(v) for k, v in ver.items()},
+                    "argmax_agreement": dict(b.agree),
+                }
+                rows.append(row)
+                g = row["generate_ms"]
+                print(
+                    f"{s} n_vocab {b.n_vocab} {n} tokens {gmode}: generate {g:.1f} ms; "
+                    f"argmax == token in "
+                    f"{b.agree}",
+                    flush=True,
+                )
+                for k, v in row["verify_ms"].items():
+                    print(
+                        f"    verify {k:<14} {v:8.2f} ms   "
+                        f"verify/generate {v / g:.4f} (1/{g / v:.0f})",
+                        flush=True,
+                    )
         b.llm.close()
         del b
     if a.out:
-        a.out.write_text(json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(a).items()}}, indent=1))
+        a.out.write_text(
+            json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(a).items()}}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ import time
 from typing import Any
 
 _LEVELS = {
-    "debug": logging.DEBUG, "info": logging.INFO,
-    "warning": logging.WARNING, "error": logging.ERROR,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
 }
 
 

@@ -61,15 +61,22 @@ class NodeMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "p2pcache_http_requests", "HTTP requests by route and status.", ["route", "status"],
+            "p2pcache_http_requests",
+            "HTTP requests by route and status.",
+            ["route", "status"],
             registry=r,
         )
         self.answers = Counter(
-            "p2pcache_answers", "Answers by the cache level that served them.", ["level"],
+            "p2pcache_answers",
+            "Answers by the cache level that served them.",
+            ["level"],
             registry=r,
         )
         self.latency = Histogram(
-            "p2pcache_answer_seconds", "Time to answer by cache level.", ["level"], registry=r,
+            "p2pcache_answer_seconds",
+            "Time to answer by cache level.",
+            ["level"],
+            registry=r,
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
         self.single_flight = Counter(
@@ -78,7 +85,9 @@ class NodeMetrics:
             registry=r,
         )
         self.rejected = Counter(
-            "p2pcache_rejected", "Requests refused for overload or shutdown.", ["reason"],
+            "p2pcache_rejected",
+            "Requests refused for overload or shutdown.",
+            ["reason"],
             registry=r,
         )
         self.bytes_fetched = Counter(

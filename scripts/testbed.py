@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Run the docker-compose.yml testbed without Docker: the same services as local processes.
 
-    .venv/bin/python scripts/testbed.py [--compose docker-compose.yml] [--data-root DIR] [--port-offset 0]
+    .venv/bin/python scripts/testbed.py [--compose docker-compose.yml] [--data-root DIR]
+                                        [--port-offset 0]
 
 Every compose service with a ``P2PCACHE_HTTP`` environment is a node: it runs as
 ``p2pcache node run`` on 127.0.0.1 with the compose file's published host ports (HTTP and
@@ -15,7 +16,6 @@ or 1 if a node failed.
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import subprocess
 import sys
@@ -46,7 +46,10 @@ class Plan:
     client_command: list[str]
 
     def url_map(self, offset: int = 0) -> dict[str, str]:
-        return {f"http://{n.name}:{CONTAINER_HTTP_PORT}": f"http://127.0.0.1:{n.http_port + offset}" for n in self.nodes}
+        return {
+            f"http://{n.name}:{CONTAINER_HTTP_PORT}": f"http://127.0.0.1:{n.http_port + offset}"
+            for n in self.nodes
+        }
 
 
 def _published(ports: list[str], container_port: int) -> int:
@@ -69,8 +72,13 @@ def plan_from_compose(path: Path) -> Plan:
         deps = list(svc.get("depends_on") or [])
         if "P2PCACHE_HTTP" in env:
             ports = svc.get("ports") or []
-            specs[name] = NodeSpec(name, _published(ports, CONTAINER_HTTP_PORT), _published(ports, CONTAINER_P2P_PORT),
-                                   env, deps)
+            specs[name] = NodeSpec(
+                name,
+                _published(ports, CONTAINER_HTTP_PORT),
+                _published(ports, CONTAINER_P2P_PORT),
+                env,
+                deps,
+            )
         elif name == "client":
             client = [*svc.get("entrypoint", []), *svc.get("command", [])]
     if client is None:
@@ -101,9 +109,13 @@ def rewrite(value: str, urls: dict[str, str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--compose", type=Path, default=REPO / "docker-compose.yml")
-    ap.add_argument("--data-root", type=Path, help="data dirs here (default: a temporary dir, deleted)")
+    ap.add_argument(
+        "--data-root", type=Path, help="data dirs here (default: a temporary dir, deleted)"
+    )
     ap.add_argument("--port-offset", type=int, default=0, help="add this to every published port")
     ap.add_argument("--client-timeout", type=float, default=900.0)
     args = ap.parse_args(argv)
@@ -124,8 +136,13 @@ def main(argv: list[str] | None = None) -> int:
             env["P2PCACHE_HTTP"] = f"127.0.0.1:{spec.http_port + args.port_offset}"
             env["P2PCACHE_LISTEN"] = f"/ip4/127.0.0.1/tcp/{spec.p2p_port + args.port_offset}"
             env["P2PCACHE_DATA_DIR"] = str(root / spec.name)
-            node = start_node(spec.name, root / spec.name, http=env["P2PCACHE_HTTP"], listen=env["P2PCACHE_LISTEN"],
-                              env=env)
+            node = start_node(
+                spec.name,
+                root / spec.name,
+                http=env["P2PCACHE_HTTP"],
+                listen=env["P2PCACHE_LISTEN"],
+                env=env,
+            )
             procs.append(node)
             print(f"{spec.name:<10} ready  {node.url}  peer {node.peer_id}", flush=True)
         command = [rewrite(c, urls) for c in plan.client_command]

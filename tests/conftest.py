@@ -39,6 +39,8 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 @pytest.fixture
-def resolver(store: Store, backend: LlamaBackend, default_model_hash: str, tmp_path: Path) -> Resolver:
+def resolver(
+    store: Store, backend: LlamaBackend, default_model_hash: str, tmp_path: Path
+) -> Resolver:
     identity = Identity.load_or_create(tmp_path / "identity.key")
     return Resolver(store, BackendWorker(backend), default_model_hash, identity)

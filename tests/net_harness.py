@@ -24,14 +24,25 @@ ROOT = PEER.parent.parent
 
 
 class Peer:
-    def __init__(self, *args: str, data_dir: Path | None = None, ready_timeout: float = 90.0) -> None:
+    def __init__(
+        self, *args: str, data_dir: Path | None = None, ready_timeout: float = 90.0
+    ) -> None:
         cmd = [sys.executable, str(PEER), *args]
         if data_dir is not None:
             cmd += ["--data-dir", str(data_dir)]
-        self.stderr_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"net-peer-{os.getpid()}-{id(self)}.log"
+        self.stderr_path = (
+            Path(os.environ.get("TMPDIR", "/tmp")) / f"net-peer-{os.getpid()}-{id(self)}.log"
+        )
         self._err = self.stderr_path.open("wb")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
-                                     text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         self.lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.events: list[dict[str, Any]] = []
         threading.Thread(target=self._pump, daemon=True).start()
@@ -54,7 +65,9 @@ class Peer:
         try:
             msg = self.lines.get(timeout=timeout)
         except queue.Empty:
-            raise TimeoutError(f"peer gave no answer in {timeout} s; stderr: {self.stderr_tail()}") from None
+            raise TimeoutError(
+                f"peer gave no answer in {timeout} s; stderr: {self.stderr_tail()}"
+            ) from None
         if msg is None:
             raise RuntimeError(f"peer exited (rc={self.proc.poll()}); stderr: {self.stderr_tail()}")
         return msg
@@ -157,7 +170,9 @@ def until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
             return v
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)  # polling interval of a cross-process condition, not a synchronisation sleep
+        time.sleep(
+            0.1
+        )  # polling interval of a cross-process condition, not a synchronisation sleep
 
 
 def mesh_peers(http: httpx.Client, node: NodeProcess) -> int:
@@ -167,10 +182,13 @@ def mesh_peers(http: httpx.Client, node: NodeProcess) -> int:
 
 
 @contextmanager
-def running_line(tmp: Path, extra: Sequence[str], env: dict[str, str]) -> Iterator[tuple[NodeProcess, ...]]:
+def running_line(
+    tmp: Path, extra: Sequence[str], env: dict[str, str]
+) -> Iterator[tuple[NodeProcess, ...]]:
     """Three `p2pcache node run` daemons in a line A - B - C (B bootstraps from A, C from B; C
-    dials A only once A's adverts reach it, through warm connections), yielded once the ad topic's mesh has formed along the line. Stopped with
-    SIGTERM at the end; each must exit cleanly (code 0), else its log tail is printed."""
+    dials A only once A's adverts reach it, through warm connections), yielded once the ad topic's
+    mesh has formed along the line. Stopped with SIGTERM at the end; each must exit cleanly (code
+    0), else its log tail is printed."""
     nodes: list[NodeProcess] = []
     try:
         a = start_node("A", tmp / "a", extra=extra, env=env)
@@ -181,7 +199,11 @@ def running_line(tmp: Path, extra: Sequence[str], env: dict[str, str]) -> Iterat
         nodes.append(c)
         with httpx.Client(timeout=30) as http:
             for node, n in ((a, 1), (b, 2), (c, 1)):  # the ad topic is joined along the line
-                until(lambda: mesh_peers(http, node) >= n, MESH_TIMEOUT_S, f"{node.name} has {n} mesh peers")
+                until(
+                    lambda node=node, n=n: mesh_peers(http, node) >= n,
+                    MESH_TIMEOUT_S,
+                    f"{node.name} has {n} mesh peers",
+                )
         yield a, b, c
     finally:
         codes = stop_all(nodes)
@@ -203,9 +225,17 @@ class Line:
     tmp: Path
     max_tokens: int = 8
 
-    def complete(self, node: NodeProcess, prompt: str, share: bool = True, **kw: Any) -> dict[str, Any]:
-        body = {"model": self.model, "prompt": prompt, "max_tokens": self.max_tokens, "temperature": 0,
-                "share": share, **kw}
+    def complete(
+        self, node: NodeProcess, prompt: str, share: bool = True, **kw: Any
+    ) -> dict[str, Any]:
+        body = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": self.max_tokens,
+            "temperature": 0,
+            "share": share,
+            **kw,
+        }
         r = self.http.post(f"{node.url}/v1/completions", json=body)
         assert r.status_code == 200, r.text
         doc = r.json()

@@ -57,7 +57,9 @@ class EvilSource(StoreSource):
     With the model loaded the text is the altered tokens' own detokenization, so the lie is
     self-consistent and only the teacher-forced check on the verifier's model can catch it."""
 
-    def __init__(self, store: Store, model_hash: str, identity: Identity, backend: Any = None) -> None:
+    def __init__(
+        self, store: Store, model_hash: str, identity: Identity, backend: Any = None
+    ) -> None:
         super().__init__(store, model_hash)
         self.identity = identity
         self.backend = backend
@@ -69,7 +71,11 @@ class EvilSource(StoreSource):
         e = entry_from_wire(raw)
         toks = list(e.output.tokens) or [100]
         toks[-1] = (toks[-1] + 7) % 1000 + 300
-        text = self.backend.detokenize(toks) if self.backend is not None else e.output.text + " [altered]"
+        text = (
+            self.backend.detokenize(toks)
+            if self.backend is not None
+            else e.output.text + " [altered]"
+        )
         e.output = Output(toks, text, e.output.finish_reason)
         e.producer = self.identity.peer_id
         e.signature = self.identity.sign(e.signing_payload())
@@ -86,8 +92,17 @@ class StallServer(FetchServer):
             return
         import hashlib
 
-        h = ResponseHeader(req.key, req.model_hash, req.level, req.range, len(body),
-                           hashlib.sha256(body).hexdigest(), peer, self.identity.peer_id, int(time.time() * 1000))
+        h = ResponseHeader(
+            req.key,
+            req.model_hash,
+            req.level,
+            req.range,
+            len(body),
+            hashlib.sha256(body).hexdigest(),
+            peer,
+            self.identity.peer_id,
+            int(time.time() * 1000),
+        )
         h = ResponseHeader(**{**h.__dict__, "sig": self.identity.sign(h.payload())})
         await stream.write(pack_msg(h.to_msg()))
         half = body[: len(body) // 2]
@@ -100,25 +115,53 @@ async def main(a: argparse.Namespace) -> None:
     data_dir = Path(a.data_dir or tempfile.mkdtemp(prefix="otd-peer-"))
     local = None
     if a.model:
-        local = open_local(NodeOptions(data_dir=data_dir, n_ctx=2048, kv_prefix=False, durable=False))
-        identity, store, model_hash, worker = local.identity, local.store, local.model_hash, local.worker
+        local = open_local(
+            NodeOptions(data_dir=data_dir, n_ctx=2048, kv_prefix=False, durable=False)
+        )
+        identity, store, model_hash, worker = (
+            local.identity,
+            local.store,
+            local.model_hash,
+            local.worker,
+        )
     else:
         identity = Identity.load_or_create(data_dir / "identity.key")
         store = Store(data_dir / "store", size_cap=1 << 30, durable=False)
         model_hash, worker = a.model_hash, None
-    cfg = NetConfig(listen=(f"/ip4/127.0.0.1/tcp/{a.port}",), psk=a.psk,
-                    peers=PeersConfig(bootstrap=tuple(a.bootstrap)),
-                    directory=DirectoryConfig(readvertise_s=a.readvertise_s, ad_batch_s=0.1),
-                    tier=TierConfig(fetch_timeout_s=a.fetch_timeout_s))
-    sources = [EvilSource(store, model_hash, identity, local.backend if local is not None else None)] if a.evil else None
-    net = build_network(identity, store, model_hash, cfg, worker=worker, sources=sources,
-                        server_class=StallServer if a.stall else None)
+    cfg = NetConfig(
+        listen=(f"/ip4/127.0.0.1/tcp/{a.port}",),
+        psk=a.psk,
+        peers=PeersConfig(bootstrap=tuple(a.bootstrap)),
+        directory=DirectoryConfig(readvertise_s=a.readvertise_s, ad_batch_s=0.1),
+        tier=TierConfig(fetch_timeout_s=a.fetch_timeout_s),
+    )
+    sources = (
+        [EvilSource(store, model_hash, identity, local.backend if local is not None else None)]
+        if a.evil
+        else None
+    )
+    net = build_network(
+        identity,
+        store,
+        model_hash,
+        cfg,
+        worker=worker,
+        sources=sources,
+        server_class=StallServer if a.stall else None,
+    )
     svc = net.service
     resolver = build_resolver(local, net) if local is not None else None
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(svc.run)
-            out({"event": "ready", "peer_id": identity.peer_id, "addrs": svc.addrs(), "model_hash": model_hash})
+            out(
+                {
+                    "event": "ready",
+                    "peer_id": identity.peer_id,
+                    "addrs": svc.addrs(),
+                    "model_hash": model_hash,
+                }
+            )
             while True:
                 line = await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
                 if not line or not line.strip():
@@ -129,7 +172,12 @@ async def main(a: argparse.Namespace) -> None:
                     cmd = json.loads(line)
                     if cmd["cmd"] == "quit":
                         break
-                    out({"ok": True, **(await handle(cmd, svc, store, resolver, model_hash, identity))})
+                    out(
+                        {
+                            "ok": True,
+                            **(await handle(cmd, svc, store, resolver, model_hash, identity)),
+                        }
+                    )
                 except Exception as exc:
                     out({"ok": False, "error": repr(exc), "trace": traceback.format_exc()[-1500:]})
             nursery.cancel_scope.cancel()
@@ -141,13 +189,25 @@ async def main(a: argparse.Namespace) -> None:
     out({"event": "stopped"})
 
 
-async def handle(cmd: dict[str, Any], svc: NetService, store: Store, resolver: Resolver | None,
-                 model_hash: str, identity: Identity) -> dict[str, Any]:
+async def handle(
+    cmd: dict[str, Any],
+    svc: NetService,
+    store: Store,
+    resolver: Resolver | None,
+    model_hash: str,
+    identity: Identity,
+) -> dict[str, Any]:
     c = cmd["cmd"]
     if c == "put_entry":  # a synthetic entry (no model): for fetch/ads tests
-        e = Entry(input_sha256=cmd["key"], model_hash=cmd.get("model_hash", model_hash), cache_level="decoder_final",
-                  output=Output(cmd.get("tokens", [1, 2, 3]), cmd.get("text", "abc")), params={},
-                  privacy_flag=cmd.get("private", False), producer=identity.peer_id)
+        e = Entry(
+            input_sha256=cmd["key"],
+            model_hash=cmd.get("model_hash", model_hash),
+            cache_level="decoder_final",
+            output=Output(cmd.get("tokens", [1, 2, 3]), cmd.get("text", "abc")),
+            params={},
+            privacy_flag=cmd.get("private", False),
+            producer=identity.peer_id,
+        )
         e.signature = identity.sign(e.signing_payload())
         store.put(e)
         svc.directory.advertise(e)
@@ -157,18 +217,30 @@ async def handle(cmd: dict[str, Any], svc: NetService, store: Store, resolver: R
 
         assert resolver is not None, "resolve needs --model"
         params = SamplingParams(**cmd.get("params", {"max_tokens": cmd.get("max_tokens", 16)}))
-        ans = await resolver.resolve(Request(prompt=cmd["prompt"], params=params, share=cmd.get("share", False)))
+        ans = await resolver.resolve(
+            Request(prompt=cmd["prompt"], params=params, share=cmd.get("share", False))
+        )
         return {"answer": ans.to_dict()}
     if c == "fetch":
-        req = FetchRequest(cmd["key"], cmd.get("model_hash", model_hash), cmd.get("level", "decoder_final"),
-                           max_bytes=cmd.get("max_bytes", 1 << 20))
+        req = FetchRequest(
+            cmd["key"],
+            cmd.get("model_hash", model_hash),
+            cmd.get("level", "decoder_final"),
+            max_bytes=cmd.get("max_bytes", 1 << 20),
+        )
         try:
             await svc.connections.ensure_connected(cmd["peer"], cmd.get("addrs", []), 10)
-            got = await fetch(svc.connections.host, cmd["peer"], req, timeout_s=cmd.get("timeout_s", 10))
+            got = await fetch(
+                svc.connections.host, cmd["peer"], req, timeout_s=cmd.get("timeout_s", 10)
+            )
         except Exception as exc:
             return {"fetched": False, "error": type(exc).__name__, "detail": str(exc)}
-        return {"fetched": True, "size": len(got.body), "server": got.header.server,
-                "entry": msgpack.unpackb(bytes(got.body), raw=False)["output"]}
+        return {
+            "fetched": True,
+            "size": len(got.body),
+            "server": got.header.server,
+            "entry": msgpack.unpackb(bytes(got.body), raw=False)["output"],
+        }
     if c == "raw_fetch":  # a hostile client: arbitrary bytes on /otd/fetch/1.0.0, returns the reply
         from libp2p.peer.id import ID
 
@@ -177,7 +249,9 @@ async def handle(cmd: dict[str, Any], svc: NetService, store: Store, resolver: R
 
         await svc.connections.ensure_connected(cmd["peer"], cmd.get("addrs", []), 10)
         with trio.fail_after(cmd.get("timeout_s", 10)):
-            stream = await svc.connections.host.new_stream(ID.from_base58(cmd["peer"]), [FETCH_PROTOCOL])
+            stream = await svc.connections.host.new_stream(
+                ID.from_base58(cmd["peer"]), [FETCH_PROTOCOL]
+            )
             await stream.write(bytes.fromhex(cmd["data_hex"]))
             try:
                 reply = await FrameReader(stream).read_msg()
@@ -191,17 +265,28 @@ async def handle(cmd: dict[str, Any], svc: NetService, store: Store, resolver: R
         return {"reply": {k: v for k, v in reply.items() if k != "sig"}}
     if c == "index":
         index = svc.directory.index
-        return {"providers": [p.peer_id for p in index.providers(cmd["key"], cmd.get("level", "decoder_final"))],
-                "snapshot": index.snapshot()}
+        return {
+            "providers": [
+                p.peer_id for p in index.providers(cmd["key"], cmd.get("level", "decoder_final"))
+            ],
+            "snapshot": index.snapshot(),
+        }
     if c == "stats":
         stats = svc.stats()
-        return {"ads": stats["ads"], "evidence": stats["evidence"], "server": stats["server"],
-                "tier": stats["tier"], "peers": [p["peer_id"] for p in svc.peers()]}
+        return {
+            "ads": stats["ads"],
+            "evidence": stats["evidence"],
+            "server": stats["server"],
+            "tier": stats["tier"],
+            "peers": [p["peer_id"] for p in svc.peers()],
+        }
     if c == "rep":
         return {"reputation": svc.reputation()}
     if c == "publish_raw":  # a hostile publisher: arbitrary bytes on a topic
-        topic = {"ads": ads_topic(cmd.get("model_hash", model_hash)),
-                 "evidence": evidence_topic(cmd.get("model_hash", model_hash))}.get(cmd["topic"], cmd["topic"])
+        topic = {
+            "ads": ads_topic(cmd.get("model_hash", model_hash)),
+            "evidence": evidence_topic(cmd.get("model_hash", model_hash)),
+        }.get(cmd["topic"], cmd["topic"])
         # A hostile node skips its own validator (py-libp2p validates what it publishes too).
         assert svc.gossip is not None
         pubsub = svc.gossip.pubsub
@@ -247,8 +332,14 @@ async def handle(cmd: dict[str, Any], svc: NetService, store: Store, resolver: R
     if c == "sign_ad":  # a correctly signed advert from this node, for replay tests
         from p2pcache.net.ads import AdEntry, make_advert
 
-        ad = make_advert(identity, cmd.get("model_hash", model_hash), svc.addrs(), cmd["seq"],
-                         [AdEntry("decoder_final", cmd["key"], 10, "00" * 32)], ts=cmd.get("ts"))
+        ad = make_advert(
+            identity,
+            cmd.get("model_hash", model_hash),
+            svc.addrs(),
+            cmd["seq"],
+            [AdEntry("decoder_final", cmd["key"], 10, "00" * 32)],
+            ts=cmd.get("ts"),
+        )
         return {"data_hex": ad.encode().hex()}
     raise ValueError(f"unknown command {c!r}")
 

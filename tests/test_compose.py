@@ -31,8 +31,12 @@ def test_compose_topology_matches_the_testbed_script() -> None:
     assert [n.name for n in plan.nodes][0] == "bootstrap"  # started first (depends_on)
     assert {n.name for n in plan.nodes} == {"bootstrap", "peer1", "peer2", "peer3"}
     ports = {n.name: (n.http_port, n.p2p_port) for n in plan.nodes}
-    assert ports == {"bootstrap": (18080, 14001), "peer1": (18081, 14002), "peer2": (18082, 14003),
-                     "peer3": (18083, 14004)}
+    assert ports == {
+        "bootstrap": (18080, 14001),
+        "peer1": (18081, 14002),
+        "peer2": (18082, 14003),
+        "peer3": (18083, 14004),
+    }
     for name, svc in services.items():
         if name == "client":
             continue
@@ -50,17 +54,28 @@ def test_compose_topology_matches_the_testbed_script() -> None:
     client = [load_testbed().rewrite(c, urls) for c in plan.client_command]
     assert client[:3] == ["python", "-m", "p2pcache.node.workload"]
     assert [client[i + 1] for i, c in enumerate(client) if c == "--url"] == [
-        "http://127.0.0.1:18081", "http://127.0.0.1:18082", "http://127.0.0.1:18083"]
+        "http://127.0.0.1:18081",
+        "http://127.0.0.1:18082",
+        "http://127.0.0.1:18083",
+    ]
 
 
 def test_dockerfile_and_entrypoint_agree_with_the_config() -> None:
     dockerfile = (REPO / "node" / "Dockerfile").read_text()
     assert re.search(r"^EXPOSE 8080 4001$", dockerfile, re.M)
-    assert "HEALTHCHECK" in dockerfile and "/healthz" in dockerfile and "STOPSIGNAL SIGTERM" in dockerfile
+    assert (
+        "HEALTHCHECK" in dockerfile
+        and "/healthz" in dockerfile
+        and "STOPSIGNAL SIGTERM" in dockerfile
+    )
     entry = (REPO / "node" / "entrypoint.sh").read_text()
     assert "exec p2pcache node run --config" in entry
     cfg = load_config(REPO / "node" / "node.toml", {}, {})
-    assert cfg.http_port == 8080 and cfg.listen == ["/ip4/0.0.0.0/tcp/4001"] and str(cfg.data_dir) == "/data"
+    assert (
+        cfg.http_port == 8080
+        and cfg.listen == ["/ip4/0.0.0.0/tcp/4001"]
+        and str(cfg.data_dir) == "/data"
+    )
 
 
 @pytest.mark.parametrize("bad", ["18080", "x:8080"])

@@ -30,7 +30,9 @@ def _burst_then_kill(path: Path, start: int, kill_after: int) -> list[int]:
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.Popen(
         [sys.executable, "-c", WRITER, str(path), str(start)],
-        stdout=subprocess.PIPE, text=True, cwd=root,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=root,
         env={**os.environ, "PYTHONPATH": str(root)},
     )
     committed: list[int] = []

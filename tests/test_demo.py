@@ -15,9 +15,22 @@ pytestmark = pytest.mark.model
 def test_demo_runs_three_nodes_and_reports_levels(tmp_path: Path) -> None:
     env = {**os.environ, "COLUMNS": "160"}
     r = subprocess.run(
-        [sys.executable, "-m", "p2pcache", "demo", "--max-tokens", "12", "--timeout", "400",
-         "--data-dir", str(tmp_path / "demo")],
-        capture_output=True, text=True, timeout=480, env=env,
+        [
+            sys.executable,
+            "-m",
+            "p2pcache",
+            "demo",
+            "--max-tokens",
+            "12",
+            "--timeout",
+            "400",
+            "--data-dir",
+            str(tmp_path / "demo"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=480,
+        env=env,
     )
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout

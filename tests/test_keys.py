@@ -6,7 +6,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pcache.keys import ModelHashMemo, SamplingParams, canonical_input_bytes, input_sha256, model_hash
+from p2pcache.keys import (
+    ModelHashMemo,
+    SamplingParams,
+    canonical_input_bytes,
+    input_sha256,
+    model_hash,
+)
 
 MH = "ab" * 32
 
@@ -29,8 +35,14 @@ def test_floats_are_normalized() -> None:
 @pytest.mark.parametrize(
     "change",
     [
-        {"temperature": 0.5}, {"top_p": 0.9}, {"top_k": 10}, {"min_p": 0.1},
-        {"repeat_penalty": 1.1}, {"seed": 7}, {"max_tokens": 99}, {"stop": ("x",)},
+        {"temperature": 0.5},
+        {"top_p": 0.9},
+        {"top_k": 10},
+        {"min_p": 0.1},
+        {"repeat_penalty": 1.1},
+        {"seed": 7},
+        {"max_tokens": 99},
+        {"stop": ("x",)},
         {"grammar": 'root ::= "a"'},
     ],
 )
@@ -47,8 +59,16 @@ def test_model_and_tokens_change_the_key() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{"temperature": -1}, {"top_p": 2}, {"max_tokens": 0}, {"seed": -1}, {"top_k": 1.5},
-     {"temperature": float("nan")}, {"stop": ("",)}, {"max_tokens": True}],
+    [
+        {"temperature": -1},
+        {"top_p": 2},
+        {"max_tokens": 0},
+        {"seed": -1},
+        {"top_k": 1.5},
+        {"temperature": float("nan")},
+        {"stop": ("",)},
+        {"max_tokens": True},
+    ],
 )
 def test_invalid_params_are_rejected(bad: dict) -> None:
     with pytest.raises(ValueError):

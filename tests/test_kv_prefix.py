@@ -31,7 +31,10 @@ GREEDY = SamplingParams(max_tokens=24)
 
 
 def long_text(topic: str, n: int) -> str:
-    return " ".join(f"{topic} note {i}: item {i} weighs {i * 7 % 101} grams and costs {i * 13 % 97} coins." for i in range(n))
+    return " ".join(
+        f"{topic} note {i}: item {i} weighs {i * 7 % 101} grams and costs {i * 13 % 97} coins."
+        for i in range(n)
+    )
 
 
 @pytest.fixture
@@ -57,7 +60,7 @@ def test_state_layout_round_trips(kv: KvPrefixCache, backend: LlamaBackend) -> N
     assert layout == kv.layout and len(sections) == 2
     assert list(sections[0].positions) == list(range(len(tokens)))
     assert list(sections[1].positions) == list(range(len(tokens) - kv.n_swa, len(tokens)))
-    rows = [[([k], [v]) for k, v in zip(s.k, s.v)] for s in sections]
+    rows = [[([k], [v]) for k, v in zip(s.k, s.v, strict=False)] for s in sections]
     size = build_state(layout, [s.positions for s in sections], rows, kv.buf)
     assert bytes(kv.buf.view(size)) == original
 
@@ -66,7 +69,10 @@ def test_state_layout_round_trips(kv: KvPrefixCache, backend: LlamaBackend) -> N
 def test_resumed_greedy_equals_cold(kv: KvPrefixCache, backend: LlamaBackend, topic: str) -> None:
     if topic == "chat":
         tokens = backend.chat_tokens(
-            [{"role": "system", "content": long_text("policy", 27)}, {"role": "user", "content": "Summarize note 3."}]
+            [
+                {"role": "system", "content": long_text("policy", 27)},
+                {"role": "user", "content": "Summarize note 3."},
+            ]
         )
     else:
         tokens = backend.tokenize(long_text(topic, 28) + " The heaviest item is")
@@ -78,13 +84,17 @@ def test_resumed_greedy_equals_cold(kv: KvPrefixCache, backend: LlamaBackend, to
         assert stored.cached_tokens == 0 and stored.pending.chunks
         resumed = run_kv(kv, tokens)
         assert resumed.cached_tokens == prefix_len // C * C
-        assert resumed.generation.tokens == cold.tokens, f"diverged after a {prefix_len}-token prefix"
+        assert resumed.generation.tokens == cold.tokens, (
+            f"diverged after a {prefix_len}-token prefix"
+        )
     again = run_kv(kv, tokens)  # everything but the last partial chunk is now stored
     assert again.cached_tokens == (len(tokens) - 1) // C * C
     assert again.generation.tokens == cold.tokens
 
 
-def continue_greedy(backend: LlamaBackend, tokens: list[int], start: int, n: int, align: int) -> list[int]:
+def continue_greedy(
+    backend: LlamaBackend, tokens: list[int], start: int, n: int, align: int
+) -> list[int]:
     """Reference for a resumed run: the *live* context cut back to ``start`` (possible here:
     the SWA cache is full-size), the rest prefilled in the same aligned batches, then greedy."""
     llm = backend.llm
@@ -95,7 +105,13 @@ def continue_greedy(backend: LlamaBackend, tokens: list[int], start: int, n: int
         llm.eval(tokens[pos:end])
         pos = end
     p = GREEDY
-    sampler = llm._init_sampler(top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, temp=p.temperature, repeat_penalty=p.repeat_penalty)
+    sampler = llm._init_sampler(
+        top_k=p.top_k,
+        top_p=p.top_p,
+        min_p=p.min_p,
+        temp=p.temperature,
+        repeat_penalty=p.repeat_penalty,
+    )
     out: list[int] = []
     token = sampler.sample(llm._ctx, -1)
     while not backend.is_eog(token):
@@ -113,7 +129,12 @@ def test_answer_chunks_captured_across_the_window(
     """With store_generated, decode crosses position 512: the windowed rows of generated
     tokens are captured during decode, and the next turn (prompt + answer + more) resumes
     past them exactly as if the context had been kept alive."""
-    kv = KvPrefixCache(backend, KvChunkStore(store), default_model_hash, KvPolicy(chunk_tokens=C, store_generated=True))
+    kv = KvPrefixCache(
+        backend,
+        KvChunkStore(store),
+        default_model_hash,
+        KvPolicy(chunk_tokens=C, store_generated=True),
+    )
     prompt = backend.tokenize(long_text("window", 22))
     assert 420 < len(prompt) < 500
     first = kv.generate(prompt, SamplingParams(max_tokens=100))
@@ -129,18 +150,26 @@ def test_answer_chunks_captured_across_the_window(
 
 
 def test_kv_config_mismatch_never_restores(
-    kv: KvPrefixCache, backend: LlamaBackend, store: Store, default_model_hash: str, model_path: Path
+    kv: KvPrefixCache,
+    backend: LlamaBackend,
+    store: Store,
+    default_model_hash: str,
+    model_path: Path,
 ) -> None:
     tokens = backend.tokenize(long_text("mismatch", 12))
     run_kv(kv, tokens)
     assert run_kv(kv, tokens).cached_tokens > 0
     # Another chunk size: another config, another chain.
-    other_chunk = KvPrefixCache(backend, KvChunkStore(store), default_model_hash, KvPolicy(chunk_tokens=32))
+    other_chunk = KvPrefixCache(
+        backend, KvChunkStore(store), default_model_hash, KvPolicy(chunk_tokens=32)
+    )
     assert other_chunk.config != kv.config
     assert chunk_hashes(other_chunk.config, tokens)[0] not in set(chunk_hashes(kv.config, tokens))
     assert other_chunk.generate(tokens, GREEDY).cached_tokens == 0
     # Another KV type (q8_0 K and V): the same store holds only f16 chunks of this prefix.
-    q8 = LlamaBackend(BackendConfig(model_path=model_path, n_ctx=1024, **kv_backend_options("q8_0")))  # type: ignore[arg-type]
+    q8 = LlamaBackend(
+        BackendConfig(model_path=model_path, n_ctx=1024, **kv_backend_options("q8_0"))
+    )  # type: ignore[arg-type]
     try:
         kv_q8 = KvPrefixCache(q8, KvChunkStore(store), default_model_hash, KvPolicy(chunk_tokens=C))
         assert kv_q8.config is not None and kv_q8.config.type_k == "q8_0"
@@ -152,7 +181,9 @@ def test_kv_config_mismatch_never_restores(
         q8.llm.close()
 
 
-def test_corrupt_chunk_falls_back_to_prefill(kv: KvPrefixCache, backend: LlamaBackend, store: Store) -> None:
+def test_corrupt_chunk_falls_back_to_prefill(
+    kv: KvPrefixCache, backend: LlamaBackend, store: Store
+) -> None:
     tokens = backend.tokenize(long_text("corrupt", 8))
     cold = backend.generate(tokens, GREEDY)
     run_kv(kv, tokens)
@@ -174,11 +205,18 @@ def test_shared_prefix_is_stored_once_and_evicted_by_cap(
     backend: LlamaBackend, store: Store, default_model_hash: str
 ) -> None:
     chunks = KvChunkStore(store)
-    kv = KvPrefixCache(backend, chunks, default_model_hash, KvPolicy(chunk_tokens=C, store_generated=False))
+    kv = KvPrefixCache(
+        backend, chunks, default_model_hash, KvPolicy(chunk_tokens=C, store_generated=False)
+    )
     system = long_text("shared", 10)
     for q in ("Which item is heaviest?", "Which item is cheapest?", "How many items are there?"):
-        run_kv(kv, backend.chat_tokens([{"role": "system", "content": system}, {"role": "user", "content": q}]),
-               SamplingParams(max_tokens=4))
+        run_kv(
+            kv,
+            backend.chat_tokens(
+                [{"role": "system", "content": system}, {"role": "user", "content": q}]
+            ),
+            SamplingParams(max_tokens=4),
+        )
     s = chunks.stats()
     assert s.dedup_ratio > 2.5, s
     assert s.lookups == 3 and s.lookup_hits == 2 and 0 < s.token_hit_rate < 1
@@ -209,37 +247,68 @@ def test_shared_prefix_is_stored_once_and_evicted_by_cap(
     assert kv_small.generate(second, GREEDY).cached_tokens == 4 * C
 
 
-def test_resolver_reuses_the_previous_chat_turn(resolver: Resolver, store: Store, default_model_hash: str) -> None:
+def test_resolver_reuses_the_previous_chat_turn(
+    resolver: Resolver, store: Store, default_model_hash: str
+) -> None:
     backend = resolver.worker.backend
     kv = KvPrefixCache(backend, KvChunkStore(store), default_model_hash, KvPolicy(chunk_tokens=C))
     resolver = Resolver(store, resolver.worker, default_model_hash, resolver.identity, kv=kv)
     params = SamplingParams(max_tokens=20)
-    history = [{"role": "system", "content": long_text("tour", 8)}, {"role": "user", "content": "Name an item."}]
+    history = [
+        {"role": "system", "content": long_text("tour", 8)},
+        {"role": "user", "content": "Name an item."},
+    ]
     t1 = trio.run(resolver.resolve, Request(messages=tuple(history), params=params))
     assert t1.cache_level == "L3" and t1.timings.cached_prompt_tokens == 0
-    history += [{"role": "assistant", "content": t1.text}, {"role": "user", "content": "And another one?"}]
+    history += [
+        {"role": "assistant", "content": t1.text},
+        {"role": "user", "content": "And another one?"},
+    ]
     t2 = trio.run(resolver.resolve, Request(messages=tuple(history), params=params))
     assert t2.cache_level == "L3"
     assert t2.timings.cached_prompt_tokens >= t1.timings.prompt_tokens // C * C
     assert t2.tokens == backend.generate(backend.chat_tokens(history), params).tokens
     # The identical request is still an L0 hit (decoder_final first, KV prefixes after).
-    assert trio.run(resolver.resolve, Request(messages=tuple(history), params=params)).cache_level == "L0"
+    assert (
+        trio.run(resolver.resolve, Request(messages=tuple(history), params=params)).cache_level
+        == "L0"
+    )
 
 
 def test_chat_cli_and_stats(tmp_path: Path) -> None:
     env = {**os.environ, "P2PCACHE_DATA_DIR": str(tmp_path)}
     chat = subprocess.run(
-        [sys.executable, "-m", "p2pcache", "chat", "-n", "12", "--n-ctx", "1024", "--json",
-         "--system", long_text("cli", 4)],
-        input="Name one item.\nName another.\n", capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "p2pcache",
+            "chat",
+            "-n",
+            "12",
+            "--n-ctx",
+            "1024",
+            "--json",
+            "--system",
+            long_text("cli", 4),
+        ],
+        input="Name one item.\nName another.\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert chat.returncode == 0, chat.stderr
     turns = [json.loads(chunk) for chunk in chat.stdout.replace("}\n{", "}\n\x00{").split("\x00")]
     assert len(turns) == 2
     assert turns[0]["timings"]["cached_prompt_tokens"] == 0
-    assert turns[1]["timings"]["cached_prompt_tokens"] >= turns[0]["timings"]["prompt_tokens"] // C * C
+    assert (
+        turns[1]["timings"]["cached_prompt_tokens"] >= turns[0]["timings"]["prompt_tokens"] // C * C
+    )
     stats = subprocess.run(
-        [sys.executable, "-m", "p2pcache", "cache", "stats", "--json"], capture_output=True, text=True, env=env,
+        [sys.executable, "-m", "p2pcache", "cache", "stats", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
         timeout=120,
     )
     kv = json.loads(stats.stdout)["kv"]
@@ -247,7 +316,11 @@ def test_chat_cli_and_stats(tmp_path: Path) -> None:
     assert kv["lookups"] == 2 and kv["prefix_hit_rate"] == 0.5
     assert kv["dedup_ratio"] > 1.0
     table = subprocess.run(
-        [sys.executable, "-m", "p2pcache", "cache", "stats"], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-m", "p2pcache", "cache", "stats"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     ).stdout
     for row in ("KV chunks", "KV bytes", "KV dedup ratio", "KV prefix hit rate"):
         assert row in table
@@ -267,8 +340,12 @@ def test_cli_kv_type_option(tmp_path: Path) -> None:
     """--kv-type reaches the backend: q8_0 answers; an unknown type is a clear error."""
     env = {**os.environ, "P2PCACHE_DATA_DIR": str(tmp_path)}
     base = [sys.executable, "-m", "p2pcache", "generate", "--n-ctx", "512", "-n", "4", "--json"]
-    bad = subprocess.run(base + ["--kv-type", "q9", "Hello"], capture_output=True, text=True, env=env, timeout=120)
+    bad = subprocess.run(
+        base + ["--kv-type", "q9", "Hello"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert bad.returncode == 2 and "unknown KV type" in bad.stderr
-    ok = subprocess.run(base + ["--kv-type", "q8_0", "Hello"], capture_output=True, text=True, env=env, timeout=300)
+    ok = subprocess.run(
+        base + ["--kv-type", "q8_0", "Hello"], capture_output=True, text=True, env=env, timeout=300
+    )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["cache_level"] == "L3"

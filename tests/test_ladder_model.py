@@ -46,15 +46,26 @@ def test_greedy_is_deterministic_without_the_cache(resolver: Resolver) -> None:
 def test_sampled_output_is_reproducible_from_its_seed(resolver: Resolver) -> None:
     backend = resolver.worker.backend
     tokens = backend.tokenize("Once upon a time")
-    runs = [backend.generate(tokens, SamplingParams(temperature=1.0, seed=s, max_tokens=16)) for s in (5, 5, 6)]
+    runs = [
+        backend.generate(tokens, SamplingParams(temperature=1.0, seed=s, max_tokens=16))
+        for s in (5, 5, 6)
+    ]
     assert runs[0].tokens == runs[1].tokens
     assert runs[0].tokens != runs[2].tokens
 
 
 @pytest.mark.parametrize(
     "change",
-    [{"temperature": 0.7}, {"top_p": 0.5}, {"top_k": 5}, {"min_p": 0.2}, {"repeat_penalty": 1.3},
-     {"seed": 9}, {"max_tokens": 9}, {"stop": (".",)}],
+    [
+        {"temperature": 0.7},
+        {"top_p": 0.5},
+        {"top_k": 5},
+        {"min_p": 0.2},
+        {"repeat_penalty": 1.3},
+        {"seed": 9},
+        {"max_tokens": 9},
+        {"stop": (".",)},
+    ],
 )
 def test_any_sampling_change_is_a_miss(resolver: Resolver, change: dict) -> None:
     base = SamplingParams(max_tokens=8)
@@ -73,7 +84,9 @@ def test_chat_template_changes_the_key(resolver: Resolver) -> None:
 
 def test_private_and_shared_entries(resolver: Resolver, store: Store) -> None:
     priv = run(resolver, Request(prompt="Private question", params=SamplingParams(max_tokens=4)))
-    pub = run(resolver, Request(prompt="Public question", params=SamplingParams(max_tokens=4), share=True))
+    pub = run(
+        resolver, Request(prompt="Public question", params=SamplingParams(max_tokens=4), share=True)
+    )
     e_priv, e_pub = store.get(priv.input_sha256), store.get(pub.input_sha256)
     assert e_priv is not None and e_priv.privacy_flag is True
     assert e_pub is not None and e_pub.privacy_flag is False
@@ -146,7 +159,9 @@ def test_identity_persists(tmp_path: Path) -> None:
     assert (tmp_path / "id.key").stat().st_mode & 0o777 == 0o600
 
 
-def test_failed_store_write_still_answers(resolver: Resolver, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_store_write_still_answers(
+    resolver: Resolver, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from p2pcache.store import StoreError
 
     def full(entry):  # type: ignore[no-untyped-def]

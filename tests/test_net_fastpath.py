@@ -1,4 +1,5 @@
-"""The bulk fast path (`p2pcache.net.fastpath`) keeps Noise: encrypted, authenticated, interoperable.
+"""The bulk fast path (`p2pcache.net.fastpath`) keeps Noise: encrypted, authenticated,
+interoperable.
 
 Server and client are separate processes (tests/fastpath_peer.py); a TCP relay in this process
 sits between them, records what crosses the wire and can flip one bit of it.
@@ -82,8 +83,14 @@ def serve():  # type: ignore[no-untyped-def]
     procs: list[subprocess.Popen[str]] = []
 
     def start(fast: bool) -> tuple[int, str]:
-        p = subprocess.Popen([sys.executable, str(PEER), "serve", "--fast", str(int(fast)), "--mb", str(MB)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+        p = subprocess.Popen(
+            [sys.executable, str(PEER), "serve", "--fast", str(int(fast)), "--mb", str(MB)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=ENV,
+        )
         procs.append(p)
         assert p.stdout is not None
         line = p.stdout.readline()  # blocks until READY or exit
@@ -104,8 +111,24 @@ def serve():  # type: ignore[no-untyped-def]
 
 def fetch_via(port: int, peer_id: str, fast: bool) -> dict[str, object]:
     addr = f"/ip4/127.0.0.1/tcp/{port}/p2p/{peer_id}"
-    out = subprocess.run([sys.executable, str(PEER), "fetch", "--fast", str(int(fast)), "--addr", addr,
-                          "--mb", str(MB)], capture_output=True, text=True, timeout=120, cwd=ROOT, env=ENV)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(PEER),
+            "fetch",
+            "--fast",
+            str(int(fast)),
+            "--addr",
+            addr,
+            "--mb",
+            str(MB),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=ENV,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -124,7 +147,8 @@ def test_fast_path_body_is_encrypted_on_the_wire_and_arrives_intact(serve) -> No
 
 @pytest.mark.parametrize("server_fast,client_fast", [(True, False), (False, True)])
 def test_fast_path_interoperates_with_stock_py_libp2p(  # type: ignore[no-untyped-def]
-        serve, server_fast: bool, client_fast: bool) -> None:
+    serve, server_fast: bool, client_fast: bool
+) -> None:
     port, pid = serve(server_fast)
     got = fetch_via(port, pid, client_fast)
     assert got["ok"], got

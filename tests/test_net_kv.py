@@ -34,15 +34,24 @@ EVIL = Path(__file__).with_name("kv_evil_node.py")
 
 def system_text(topic: str) -> str:
     """~300 tokens of a fixed reference text (a shared system prompt / document)."""
-    facts = [f"Rule {i}: every {topic} request numbered {i} must be logged with its owner, its date and "
-             f"a short reason, and reviewed by the {topic} desk within {i + 2} days." for i in range(1, 12)]
-    return f"You are the {topic} assistant of a small library. " + " ".join(facts) + "\n\nQuestion: "
+    facts = [
+        f"Rule {i}: every {topic} request numbered {i} must be logged with its owner, its date and "
+        f"a short reason, and reviewed by the {topic} desk within {i + 2} days."
+        for i in range(1, 12)
+    ]
+    return (
+        f"You are the {topic} assistant of a small library. " + " ".join(facts) + "\n\nQuestion: "
+    )
 
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Line]:
     tmp = tmp_path_factory.mktemp("kvnet")
-    env = {"P2PCACHE_KV_PREFIX": "true", "P2PCACHE_KV_NET": "true", "P2PCACHE_KV_SPOT_CHECK_RATE": "1.0"}
+    env = {
+        "P2PCACHE_KV_PREFIX": "true",
+        "P2PCACHE_KV_NET": "true",
+        "P2PCACHE_KV_SPOT_CHECK_RATE": "1.0",
+    }
     with running_line(tmp, ["--n-ctx", "2048", "--log-level", "info"], env) as (a, b, c):
         with httpx.Client(timeout=180) as http:
             yield Line(a, b, c, http, a.ready["model"], tmp, MAX_TOKENS)
@@ -55,7 +64,8 @@ def cold(backend: LlamaBackend, prompt: str) -> str:
 
 @pytest.mark.model
 def test_shared_prefix_resumed_on_c_from_a_chunks_private_prefix_never_leaves_a(
-        net: Line, backend: LlamaBackend) -> None:
+    net: Line, backend: LlamaBackend
+) -> None:
     # A private prefix first, then a shared one: only the shared one's chunks are advertised.
     private = net.complete(net.a, system_text("payroll") + "Who owns request 3?", share=False)
     assert private["x_cache"]["level"] == "L3"
@@ -65,7 +75,11 @@ def test_shared_prefix_resumed_on_c_from_a_chunks_private_prefix_never_leaves_a(
     assert on_a["x_cache"]["level"] == "L3" and t_a["prompt_tokens"] >= 250
     n_chunks = t_a["prompt_tokens"] // C_TOKENS  # every full prompt chunk is a fetchable prefix tip
     # C (via B) learns A's decoder_final key and one kv_prefix tip per shared chunk, no more.
-    until(lambda: net.keys_seen(net.c, net.a.peer_id) >= 1 + n_chunks, AD_TIMEOUT_S, "A's kv adverts on C")
+    until(
+        lambda: net.keys_seen(net.c, net.a.peer_id) >= 1 + n_chunks,
+        AD_TIMEOUT_S,
+        "A's kv adverts on C",
+    )
     assert net.keys_seen(net.c, net.a.peer_id) == 1 + n_chunks
     served_before = net.net_stats(net.a)["server"]["served"]
 
@@ -77,7 +91,9 @@ def test_shared_prefix_resumed_on_c_from_a_chunks_private_prefix_never_leaves_a(
     kv = x["kv_peer"]
     assert kv["peer"] == net.a.peer_id and kv["spot_checked"] is True and kv["rejected"] is False
     assert kv["tokens"] > 200 and kv["tokens"] % C_TOKENS == 0
-    assert x["timings"]["cached_prompt_tokens"] == kv["tokens"] == x["timings"]["peer_prompt_tokens"]
+    assert (
+        x["timings"]["cached_prompt_tokens"] == kv["tokens"] == x["timings"]["peer_prompt_tokens"]
+    )
     assert net.net_stats(net.a)["server"]["served"] == served_before + 1
     assert on_c["choices"][0]["text"] == cold(backend, question)  # greedy: token for token
     print("kv_peer on C:", kv, x["timings"])
@@ -95,20 +111,36 @@ def test_shared_prefix_resumed_on_c_from_a_chunks_private_prefix_never_leaves_a(
     served = net.net_stats(net.a)["server"]["served"]
     priv_q = system_text("payroll") + "Who owns request 5?"
     on_c_priv = net.complete(net.c, priv_q)
-    assert "kv_peer" not in on_c_priv["x_cache"] and on_c_priv["x_cache"]["timings"]["cached_prompt_tokens"] == 0
+    assert (
+        "kv_peer" not in on_c_priv["x_cache"]
+        and on_c_priv["x_cache"]["timings"]["cached_prompt_tokens"] == 0
+    )
     assert on_c_priv["choices"][0]["text"] == cold(backend, priv_q)
     assert net.net_stats(net.a)["server"]["served"] == served
     assert net.keys_seen(net.c, net.a.peer_id) == 1 + n_chunks
 
 
 @pytest.mark.model
-def test_corrupted_chunks_caught_by_spot_check_answer_still_correct(net: Line, backend: LlamaBackend) -> None:
+def test_corrupted_chunks_caught_by_spot_check_answer_still_correct(
+    net: Line, backend: LlamaBackend
+) -> None:
     evil_dir = net.tmp / "evil"
     evil_dir.mkdir()
     log = (evil_dir / "node.log").open("ab")
-    proc = subprocess.Popen([sys.executable, str(EVIL), "--data-dir", str(evil_dir), "--bootstrap",
-                             net.c.ready["addrs"][0]], stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
-                            cwd=Path(__file__).parent.parent)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(EVIL),
+            "--data-dir",
+            str(evil_dir),
+            "--bootstrap",
+            net.c.ready["addrs"][0],
+        ],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+        cwd=Path(__file__).parent.parent,
+    )
     log.close()
     evil = NodeProcess("E", proc, evil_dir, evil_dir / "node.log")
     try:
@@ -116,7 +148,11 @@ def test_corrupted_chunks_caught_by_spot_check_answer_still_correct(net: Line, b
         until(lambda: mesh_peers(net.http, evil) >= 1, MESH_TIMEOUT_S, "E has a mesh peer")
         on_e = net.complete(evil, system_text("museum") + "Who reviews request 1?")
         n_chunks = on_e["x_cache"]["timings"]["prompt_tokens"] // C_TOKENS
-        until(lambda: net.keys_seen(net.c, evil.peer_id) >= 1 + n_chunks, AD_TIMEOUT_S, "E's kv adverts on C")
+        until(
+            lambda: net.keys_seen(net.c, evil.peer_id) >= 1 + n_chunks,
+            AD_TIMEOUT_S,
+            "E's kv adverts on C",
+        )
 
         question = system_text("museum") + "When is request 7 reviewed?"
         on_c = net.complete(net.c, question)
@@ -125,13 +161,18 @@ def test_corrupted_chunks_caught_by_spot_check_answer_still_correct(net: Line, b
         assert kv["peer"] == evil.peer_id and kv["spot_checked"] is True and kv["rejected"] is True
         assert kv["tokens"] == 0 and x["timings"]["cached_prompt_tokens"] == 0
         print("spot-check diff of corrupted chunks:", kv.get("spot_check_diff"))
-        assert on_c["choices"][0]["text"] == cold(backend, question)  # the client gets a correct answer
+        assert on_c["choices"][0]["text"] == cold(
+            backend, question
+        )  # the client gets a correct answer
         rep = net.rep_of(net.c, evil.peer_id)
         assert rep["failures"] > 0.9 and rep["successes"] == 0  # (decayed)
         assert net.net_stats(net.c)["kv"]["spot_check_failures"] == 1
         # The bad chunks were dropped: C's own prefill stored its own, so it is now a local hit.
         again = net.complete(net.c, system_text("museum") + "When is request 6 logged?")
-        assert "kv_peer" not in again["x_cache"] and again["x_cache"]["timings"]["cached_prompt_tokens"] > 200
+        assert (
+            "kv_peer" not in again["x_cache"]
+            and again["x_cache"]["timings"]["cached_prompt_tokens"] > 200
+        )
     finally:
         codes = stop_all([evil])
         if codes.get("E") != 0:
@@ -153,24 +194,42 @@ def test_kv_source_serves_only_shared_chunks_of_the_named_chain(tmp_path: Path) 
         src = KvSource(_FakeKv(cs, 100), "ab" * 32)  # type: ignore[arg-type]
 
         def req(first: int, end: int, key: bytes | None = None) -> FetchRequest:
-            return FetchRequest((key or hs[end - 1]).hex(), "ab" * 32, "kv_prefix", (first, end), 1 << 20,
-                                tuple(hs[first:end]))
+            return FetchRequest(
+                (key or hs[end - 1]).hex(),
+                "ab" * 32,
+                "kv_prefix",
+                (first, end),
+                1 << 20,
+                tuple(hs[first:end]),
+            )
 
         assert src.value(req(0, 3)) is None  # nothing marked shared yet: private looks absent
         assert cs.mark_shared(hs[:2] + [b"x" * 32]) == hs[:2]  # absent chunks are not marked
         assert cs.mark_shared(hs[:2]) == []
         assert src.value(req(0, 3)) is None  # chunk 2 is private: the whole range is refused
         body = src.value(req(0, 2))
-        assert body is not None and [bytes(p) for p in decode_body(body, hs[:2], 100)] == [b"\0" * 100, b"\1" * 100]
+        assert body is not None and [bytes(p) for p in decode_body(body, hs[:2], 100)] == [
+            b"\0" * 100,
+            b"\1" * 100,
+        ]
         assert src.value(req(1, 2)) is not None
         assert src.value(req(0, 2, key=hs[3])) is None  # key is not the last requested chunk
-        assert src.value(FetchRequest(hs[1].hex(), "cd" * 32, "kv_prefix", (0, 2), 1 << 20, tuple(hs[:2]))) is None
+        assert (
+            src.value(
+                FetchRequest(hs[1].hex(), "cd" * 32, "kv_prefix", (0, 2), 1 << 20, tuple(hs[:2]))
+            )
+            is None
+        )
         with pytest.raises(BadResponse):
             decode_body(body, [hs[1], hs[0]], 100)  # the body names other chunks than requested
         with pytest.raises(BadResponse):
             decode_body(body[:-1], hs[:2], 100)
-        assert [h for h, _ in cs.shared_tips(10)] and {h for h, _ in cs.shared_tips(10)} == set(hs[:2])
-        assert cs.drop([hs[0]]) == 1 and src.value(req(0, 2)) is None  # the mark goes with the chunk
+        assert [h for h, _ in cs.shared_tips(10)] and {h for h, _ in cs.shared_tips(10)} == set(
+            hs[:2]
+        )
+        assert (
+            cs.drop([hs[0]]) == 1 and src.value(req(0, 2)) is None
+        )  # the mark goes with the chunk
         assert {h for h, _ in cs.shared_tips(10)} == {hs[1]}
     finally:
         store.close()

@@ -40,7 +40,7 @@ def metric(line: Line, node: NodeProcess, name: str) -> float:
 @pytest.fixture(scope="module")
 def line(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Line]:
     tmp = tmp_path_factory.mktemp("line")
-    # L2 here moves decoder_final entries only; KV-prefix resumption (issue 3) is tested on its
+    # L2 here moves decoder_final entries only; KV-prefix resumption is tested on its
     # own and its first-use setup would dominate these tests' runtime on 2 cores.
     env = {"P2PCACHE_KV_PREFIX": "false"}
     with running_line(tmp, ["--n-ctx", "2048", "--log-level", "info"], env) as (a, b, c):
@@ -52,7 +52,10 @@ def test_status_addrs_and_line_topology(line: Line) -> None:
     for node in (line.a, line.b, line.c):
         st = line.admin(node, "/admin/status")
         assert st["addrs"] and all(a.endswith(f"/p2p/{st['peer_id']}") for a in st["addrs"])
-    peers_of = {n.name: {p["peer_id"] for p in line.admin(n, "/admin/peers")["peers"]} for n in (line.a, line.b, line.c)}
+    peers_of = {
+        n.name: {p["peer_id"] for p in line.admin(n, "/admin/peers")["peers"]}
+        for n in (line.a, line.b, line.c)
+    }
     assert peers_of["B"] == {line.a.peer_id, line.c.peer_id}
     assert line.a.peer_id not in peers_of["C"]  # C dialled only B
 
@@ -65,14 +68,23 @@ def test_answer_computed_on_a_served_on_c_from_l2_then_l0(line: Line) -> None:
     private = line.complete(line.a, "My private diary entry for today:", share=False)
     assert private["x_cache"]["level"] == "L3"
     private_key = private["x_cache"]["input_sha256"]
-    later = line.complete(line.a, "Name a large planet:")  # shared, advertised after the private one
+    later = line.complete(
+        line.a, "Name a large planet:"
+    )  # shared, advertised after the private one
     assert later["x_cache"]["level"] == "L3"
 
     assert line.providers(line.c, key, wait_s=AD_TIMEOUT_S) == [line.a.peer_id]  # relayed by B
-    assert line.providers(line.c, later["x_cache"]["input_sha256"], wait_s=AD_TIMEOUT_S) == [line.a.peer_id]
+    assert line.providers(line.c, later["x_cache"]["input_sha256"], wait_s=AD_TIMEOUT_S) == [
+        line.a.peer_id
+    ]
     # C dials the producer it learnt of from the adverts before any request needs it.
-    until(lambda: line.a.peer_id in {p["peer_id"] for p in line.admin(line.c, "/admin/peers")["peers"]},
-          AD_TIMEOUT_S, "C warming a connection to A")
+    until(
+        lambda: (
+            line.a.peer_id in {p["peer_id"] for p in line.admin(line.c, "/admin/peers")["peers"]}
+        ),
+        AD_TIMEOUT_S,
+        "C warming a connection to A",
+    )
     assert line.admin(line.c, "/admin/peers")["stats"]["warm"]["dialled"] >= 1
     on_c = line.complete(line.c, prompt)
     x = on_c["x_cache"]
@@ -83,9 +95,17 @@ def test_answer_computed_on_a_served_on_c_from_l2_then_l0(line: Line) -> None:
     assert on_c["choices"][0]["finish_reason"] == on_a["choices"][0]["finish_reason"]
     assert on_c["usage"] == on_a["usage"]
     again = line.complete(line.c, prompt)
-    assert again["x_cache"]["level"] == "L0" and again["choices"][0]["text"] == on_a["choices"][0]["text"]
+    assert (
+        again["x_cache"]["level"] == "L0"
+        and again["choices"][0]["text"] == on_a["choices"][0]["text"]
+    )
     rec = line.rep_of(line.c, line.a.peer_id)
-    assert rec["successes"] > 0.9 and rec["failures"] == 0 and rec["bytes_in"] > 0 and not rec["banned"]
+    assert (
+        rec["successes"] > 0.9
+        and rec["failures"] == 0
+        and rec["bytes_in"] > 0
+        and not rec["banned"]
+    )
     # Prometheus sees the transfer on both ends.
     assert metric(line, line.c, "p2pcache_bytes_fetched_total") >= x["peer"]["bytes"] > 0
     assert metric(line, line.a, "p2pcache_bytes_served_total") >= x["peer"]["bytes"]
@@ -93,7 +113,9 @@ def test_answer_computed_on_a_served_on_c_from_l2_then_l0(line: Line) -> None:
     # A sampled (seeded) answer is verified too: every token in C's local top-k / above min_p.
     sampled = {"temperature": 0.8, "seed": 7}
     s_a = line.complete(line.a, "Invent a name for a cat:", **sampled)
-    assert line.providers(line.c, s_a["x_cache"]["input_sha256"], wait_s=AD_TIMEOUT_S) == [line.a.peer_id]
+    assert line.providers(line.c, s_a["x_cache"]["input_sha256"], wait_s=AD_TIMEOUT_S) == [
+        line.a.peer_id
+    ]
     s_c = line.complete(line.c, "Invent a name for a cat:", **sampled)
     assert s_c["x_cache"]["level"] == "L2" and s_c["x_cache"]["peer"]["verified"] is True
     assert s_c["choices"][0]["text"] == s_a["choices"][0]["text"]
@@ -110,48 +132,74 @@ def test_answer_computed_on_a_served_on_c_from_l2_then_l0(line: Line) -> None:
 
 def test_liar_is_caught_banned_and_evidence_spreads(line: Line) -> None:
     with Peers() as ps:
-        evil = ps.start("--model", "--evil", "--bootstrap", line.b.ready["addrs"][0], ready_timeout=120)
+        evil = ps.start(
+            "--model", "--evil", "--bootstrap", line.b.ready["addrs"][0], ready_timeout=120
+        )
         evil.call("wait_mesh", n=1)
         ids = {line.a.peer_id: "A", line.b.peer_id: "B", line.c.peer_id: "C", evil.peer_id: "evil"}
         prompts = ["A haiku about the sea:", "Three facts about owls:", "The capital of Italy is"]
         honest = []
         for i, prompt in enumerate(prompts[:2]):
             params = {"max_tokens": MAX_TOKENS, "temperature": 0}
-            ans = evil.call("resolve", prompt=prompt, params=params, share=True, timeout=120)["answer"]
+            ans = evil.call("resolve", prompt=prompt, params=params, share=True, timeout=120)[
+                "answer"
+            ]
             honest.append(ans)
-            assert line.providers(line.c, ans["input_sha256"], wait_s=AD_TIMEOUT_S) == [evil.peer_id]
+            assert line.providers(line.c, ans["input_sha256"], wait_s=AD_TIMEOUT_S) == [
+                evil.peer_id
+            ]
             got = line.complete(line.c, prompt)
             # The altered answer never reaches the client: C computed the right one itself.
             assert got["x_cache"]["level"] == "L3", got
             assert got["choices"][0]["text"] == ans["text"]
             rec = line.rep_of(line.c, evil.peer_id)
-            assert rec["failures"] == pytest.approx(i + 1, abs=0.01)  # caught on each answer, the first included
+            assert rec["failures"] == pytest.approx(
+                i + 1, abs=0.01
+            )  # caught on each answer, the first included
             assert rec["score"] < 0.5
-            assert len(rec["evidence_detail"]) == i + 1 and rec["evidence_detail"][-1]["accuser"] == line.c.peer_id
+            assert (
+                len(rec["evidence_detail"]) == i + 1
+                and rec["evidence_detail"][-1]["accuser"] == line.c.peer_id
+            )
             # The lie is self-consistent (text = its tokens): the local prefill caught the token.
-            assert "not the local argmax" in rec["evidence_detail"][-1]["reason"], rec["evidence_detail"]
+            assert "not the local argmax" in rec["evidence_detail"][-1]["reason"], rec[
+                "evidence_detail"
+            ]
             assert rec["banned"] is (i == 1), rec  # banned after the second proven lie
         assert line.admin(line.c, "/admin/peers")["stats"]["tier"]["verified_failures"] == 2
         assert metric(line, line.c, "p2pcache_verification_failures_total") == 2
 
         # Evidence reaches A and B; each re-verified it on its own model before acting.
         for node in (line.a, line.b):
-            until(lambda: line.admin(node, "/admin/peers")["stats"]["evidence"]["confirmed"] >= 2,
-                  120, f"{node.name} confirms both proofs")
+            until(
+                lambda node=node: (
+                    line.admin(node, "/admin/peers")["stats"]["evidence"]["confirmed"] >= 2
+                ),
+                120,
+                f"{node.name} confirms both proofs",
+            )
             rec = line.rep_of(node, evil.peer_id)
             assert rec["failures"] == pytest.approx(2, abs=0.01) and rec["banned"], rec
             assert {e["accuser"] for e in rec["evidence_detail"]} == {line.c.peer_id}
             assert line.rep_of(node, line.c.peer_id)["bad"] == 0  # the accuser was right
         # Banned: its new adverts are refused, and C never asks it again.
-        ans = evil.call("resolve", prompt=prompts[2], params={"max_tokens": MAX_TOKENS, "temperature": 0},
-                        share=True, timeout=120)["answer"]
+        ans = evil.call(
+            "resolve",
+            prompt=prompts[2],
+            params={"max_tokens": MAX_TOKENS, "temperature": 0},
+            share=True,
+            timeout=120,
+        )["answer"]
         before = line.admin(line.c, "/admin/peers")["stats"]["tier"]
         got = line.complete(line.c, prompts[2])
         assert got["x_cache"]["level"] == "L3" and got["choices"][0]["text"] == ans["text"]
         after = line.admin(line.c, "/admin/peers")["stats"]["tier"]
         assert after["verified_failures"] == before["verified_failures"] == 2
         assert line.providers(line.c, ans["input_sha256"]) == []
-        rows = {ids.get(r["peer_id"], r["peer_id"]): r for r in line.admin(line.c, "/admin/reputation")["peers"]}
+        rows = {
+            ids.get(r["peer_id"], r["peer_id"]): r
+            for r in line.admin(line.c, "/admin/reputation")["peers"]
+        }
         assert rows["evil"]["banned"] and not rows["A"]["banned"]
 
 
@@ -166,7 +214,9 @@ def _identity_sorting_before(data_dir: Path, other: str) -> str:
             return pid
 
 
-def _ask_in_background(line: Line, node: NodeProcess, prompt: str) -> tuple[threading.Thread, dict[str, Any]]:
+def _ask_in_background(
+    line: Line, node: NodeProcess, prompt: str
+) -> tuple[threading.Thread, dict[str, Any]]:
     result: dict[str, Any] = {}
 
     def ask() -> None:
@@ -193,14 +243,25 @@ def test_peer_killed_mid_transfer_next_provider_then_l3(line: Line) -> None:
         # 1) Two providers: the staller (tried first) dies mid-transfer, B answers.
         d1 = line.tmp / "staller1"
         _identity_sorting_before(d1, line.b.peer_id)
-        s1 = ps.start("--model", "--stall", "--bootstrap", line.b.ready["addrs"][0], data_dir=d1, ready_timeout=120)
+        s1 = ps.start(
+            "--model",
+            "--stall",
+            "--bootstrap",
+            line.b.ready["addrs"][0],
+            data_dir=d1,
+            ready_timeout=120,
+        )
         s1.call("wait_mesh", n=1)
         prompt = "A short poem about autumn leaves:"
         on_b = line.complete(line.b, prompt)  # B first, so B never asks the staller
         assert on_b["x_cache"]["level"] == "L3"
         ans = s1.call("resolve", prompt=prompt, params=params, share=True, timeout=120)["answer"]
         key = ans["input_sha256"]
-        until(lambda: len(line.providers(line.c, key, wait_s=AD_TIMEOUT_S)) == 2, AD_TIMEOUT_S, "two providers at C")
+        until(
+            lambda: len(line.providers(line.c, key, wait_s=AD_TIMEOUT_S)) == 2,
+            AD_TIMEOUT_S,
+            "two providers at C",
+        )
         t, result = _ask_in_background(line, line.c, prompt)
         s1.wait_event("stalled", 30)  # header and half the body sent
         s1.kill()
@@ -208,10 +269,14 @@ def test_peer_killed_mid_transfer_next_provider_then_l3(line: Line) -> None:
         assert doc["x_cache"]["level"] == "L2" and doc["x_cache"]["peer"]["peer"] == line.b.peer_id
         assert doc["choices"][0]["text"] == ans["text"] == on_b["choices"][0]["text"]
         rec = line.rep_of(line.c, s1.peer_id)
-        assert rec["timeouts"] >= 0.99 and rec["bad"] == 0 and rec["failures"] == 0  # gone, not lying
+        assert (
+            rec["timeouts"] >= 0.99 and rec["bad"] == 0 and rec["failures"] == 0
+        )  # gone, not lying
 
         # 2) The only provider dies mid-transfer: C computes the answer itself (L3).
-        s2 = ps.start("--model", "--stall", "--bootstrap", line.b.ready["addrs"][0], ready_timeout=120)
+        s2 = ps.start(
+            "--model", "--stall", "--bootstrap", line.b.ready["addrs"][0], ready_timeout=120
+        )
         s2.call("wait_mesh", n=1)
         prompt = "Five words that rhyme with light:"
         ans = s2.call("resolve", prompt=prompt, params=params, share=True, timeout=120)["answer"]
@@ -233,15 +298,26 @@ def test_hostile_messages_rejected_while_nodes_serve(line: Line) -> None:
         first = h.call("sign_ad", key=key, seq=15)["data_hex"]
         h.call("publish_raw", topic="ads", data_hex=first)
         assert line.providers(line.c, key, wait_s=AD_TIMEOUT_S) == [h.peer_id]  # a valid ad passes
-        before = {n.name: line.admin(n, "/admin/peers")["stats"]["ads"]["rejected"] for n in (line.b, line.c)}
-        good = msgpack.unpackb(bytes.fromhex(h.call("sign_ad", key="5b" * 32, seq=16)["data_hex"]), raw=False)
+        before = {
+            n.name: line.admin(n, "/admin/peers")["stats"]["ads"]["rejected"]
+            for n in (line.b, line.c)
+        }
+        good = msgpack.unpackb(
+            bytes.fromhex(h.call("sign_ad", key="5b" * 32, seq=16)["data_hex"]), raw=False
+        )
         hostile = [
             bytes.fromhex(first),  # replayed
             b"\xc1 not msgpack",  # malformed
             msgpack.packb({**good, "sig": b"\x01" * 64}, use_bin_type=True),  # bad signature
-            msgpack.packb({**good, "producer": line.a.peer_id}, use_bin_type=True),  # unsigned by its origin
-            bytes.fromhex(h.call("sign_ad", key="5c" * 32, seq=17, model_hash="cd" * 32)["data_hex"]),  # wrong model
-            msgpack.packb({**good, "addrs": ["/ip4/127.0.0.1/tcp/1" + "0" * 200] * 300}, use_bin_type=True),  # oversize
+            msgpack.packb(
+                {**good, "producer": line.a.peer_id}, use_bin_type=True
+            ),  # unsigned by its origin
+            bytes.fromhex(
+                h.call("sign_ad", key="5c" * 32, seq=17, model_hash="cd" * 32)["data_hex"]
+            ),  # wrong model
+            msgpack.packb(
+                {**good, "addrs": ["/ip4/127.0.0.1/tcp/1" + "0" * 200] * 300}, use_bin_type=True
+            ),  # oversize
         ]
         for data in hostile:
             h.call("publish_raw", topic="ads", data_hex=data.hex())
@@ -253,29 +329,50 @@ def test_hostile_messages_rejected_while_nodes_serve(line: Line) -> None:
 
         until(rejected_all, 30, "B rejects every hostile advert")
         rej = line.admin(line.b, "/admin/peers")["stats"]["ads"]["rejected"]
-        assert {"replay", "malformed", "bad-signature", "unsigned", "wrong-model", "oversize"} <= set(rej), rej
+        assert {
+            "replay",
+            "malformed",
+            "bad-signature",
+            "unsigned",
+            "wrong-model",
+            "oversize",
+        } <= set(rej), rej
         for node in (line.b, line.c):
             assert line.providers(node, "5b" * 32) == [] and line.providers(node, "5c" * 32) == []
         assert line.admin(line.b, "/admin/peers")["stats"]["evidence"]["rejected"] >= 1
 
         # A private entry is never served, even to a peer that asks for its exact key.
-        private = line.complete(line.b, "Secret plan number nine:", share=False)["x_cache"]["input_sha256"]
+        private = line.complete(line.b, "Secret plan number nine:", share=False)["x_cache"][
+            "input_sha256"
+        ]
         shared = line.complete(line.b, "Public fact number nine:")["x_cache"]["input_sha256"]
         asked = h.call("fetch", peer=line.b.peer_id, addrs=line.b.ready["addrs"], key=private)
         assert not asked["fetched"] and asked["error"] == "NotFound"
-        assert h.call("fetch", peer=line.b.peer_id, addrs=line.b.ready["addrs"], key=shared)["fetched"]
+        assert h.call("fetch", peer=line.b.peer_id, addrs=line.b.ready["addrs"], key=shared)[
+            "fetched"
+        ]
 
         # Hostile fetch requests: each gets a clear refusal (or a reset), B keeps serving.
         garbage = [
             b"\x00\x00\x00\x05hello",  # a frame that is not msgpack
             b"\x7f\xff\xff\xff",  # a 2 GB frame length
-            (lambda m: len(m).to_bytes(4, "big") + m)(msgpack.packb(
-                {"v": 1, "key": "zz", "model_hash": model_hash, "level": "decoder_final"})),  # bad key
-            (lambda m: len(m).to_bytes(4, "big") + m)(msgpack.packb(
-                {"v": 1, "key": "11" * 32, "model_hash": "cd" * 32, "level": "decoder_final"})),  # wrong model
+            (lambda m: len(m).to_bytes(4, "big") + m)(
+                msgpack.packb(
+                    {"v": 1, "key": "zz", "model_hash": model_hash, "level": "decoder_final"}
+                )
+            ),  # bad key
+            (lambda m: len(m).to_bytes(4, "big") + m)(
+                msgpack.packb(
+                    {"v": 1, "key": "11" * 32, "model_hash": "cd" * 32, "level": "decoder_final"}
+                )
+            ),  # wrong model
         ]
-        replies = [h.call("raw_fetch", peer=line.b.peer_id, addrs=line.b.ready["addrs"], data_hex=g.hex())["reply"]
-                   for g in garbage]
+        replies = [
+            h.call("raw_fetch", peer=line.b.peer_id, addrs=line.b.ready["addrs"], data_hex=g.hex())[
+                "reply"
+            ]
+            for g in garbage
+        ]
         assert replies[0]["status"] == "bad_request" and replies[2]["status"] == "bad_request"
         assert replies[1] is None or replies[1]["status"] == "bad_request"
         assert replies[3]["status"] == "not_found"
@@ -293,7 +390,9 @@ def test_cli_peers_and_reputation_of_running_nodes(line: Line) -> None:
     import sys
 
     def cli(*args: str) -> Any:
-        r = subprocess.run([sys.executable, "-m", "p2pcache", *args], capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-m", "p2pcache", *args], capture_output=True, text=True, timeout=60
+        )
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 
@@ -306,7 +405,9 @@ def test_cli_peers_and_reputation_of_running_nodes(line: Line) -> None:
     a_row = next(r for r in rep["peers"] if r["peer_id"] == line.a.peer_id)
     assert a_row["successes"] > 0.9 and not a_row["banned"]
     one = cli("reputation", line.a.peer_id, "--url", line.c.url, "--json")
-    assert [r["peer_id"] for r in one["peers"]] == [line.a.peer_id] and one["peers"][0]["evidence_detail"] == []
+    assert [r["peer_id"] for r in one["peers"]] == [line.a.peer_id] and one["peers"][0][
+        "evidence_detail"
+    ] == []
 
 
 def test_new_node_learns_existing_entries_from_its_neighbour(line: Line) -> None:
@@ -314,13 +415,26 @@ def test_new_node_learns_existing_entries_from_its_neighbour(line: Line) -> None
     key = line.complete(line.c, prompt)["x_cache"]["input_sha256"]
     rounds = line.admin(line.c, "/admin/peers")["stats"]["published"]["rounds_for_new_mesh_peers"]
     env = {"P2PCACHE_KV_PREFIX": "false"}
-    d = start_node("D", line.tmp / "d", extra=["--n-ctx", "2048", "--bootstrap", line.c.ready["addrs"][0]], env=env)
+    d = start_node(
+        "D",
+        line.tmp / "d",
+        extra=["--n-ctx", "2048", "--bootstrap", line.c.ready["addrs"][0]],
+        env=env,
+    )
     try:
         until(lambda: mesh_peers(line.http, d) >= 1, MESH_TIMEOUT_S, "D joins C's mesh")
         # C re-announces its inventory when a peer joins its mesh, well before the periodic
         # re-advertisement (30 s): D learns the old entry within seconds.
-        until(lambda: line.admin(line.c, "/admin/peers")["stats"]["published"]["rounds_for_new_mesh_peers"] > rounds,
-              15, "C re-announces for its new mesh peer")
+        until(
+            lambda: (
+                line.admin(line.c, "/admin/peers")["stats"]["published"][
+                    "rounds_for_new_mesh_peers"
+                ]
+                > rounds
+            ),
+            15,
+            "C re-announces for its new mesh peer",
+        )
         assert line.c.peer_id in line.providers(d, key, wait_s=15)
         got = line.complete(d, prompt)
         assert got["x_cache"]["level"] == "L2" and got["x_cache"]["peer"]["verified"] is True

@@ -88,13 +88,17 @@ def test_peer_killed_mid_transfer() -> None:
         assert b.proc.stdin is not None
         import json
 
-        b.proc.stdin.write(json.dumps({"cmd": "fetch", "peer": a.peer_id, "key": K1, "timeout_s": 30}) + "\n")
+        b.proc.stdin.write(
+            json.dumps({"cmd": "fetch", "peer": a.peer_id, "key": K1, "timeout_s": 30}) + "\n"
+        )
         b.proc.stdin.flush()
         a.wait_event("stalled", 10)
         t0 = time.monotonic()
         a.kill()
         r = b._next(30)
-        assert r["ok"] and not r["fetched"] and r["error"] == "FetchError"  # gone mid-transfer, not a bad answer
+        assert (
+            r["ok"] and not r["fetched"] and r["error"] == "FetchError"
+        )  # gone mid-transfer, not a bad answer
         assert time.monotonic() - t0 < 10  # the vanished peer is noticed, not waited out
         assert b.call("stats")["ok"]  # B keeps running
 
@@ -125,19 +129,32 @@ def test_line_topology_gossip_and_hostile_messages() -> None:
         b.call("publish_raw", topic="ads", data_hex=first)
         c.call("wait_provider", key="77" * 32)
         b.call("publish_raw", topic="ads", data_hex=first)
-        b.call("publish_raw", topic="ads", data_hex=b.call("sign_ad", key="66" * 32, seq=16)["data_hex"])
+        b.call(
+            "publish_raw",
+            topic="ads",
+            data_hex=b.call("sign_ad", key="66" * 32, seq=16)["data_hex"],
+        )
         c.call("wait_provider", key="66" * 32)  # barrier: the replay was judged before it
         assert "replay" in c.call("stats")["ads"]["rejected"]
 
         # Hostile publisher B: every bad message is rejected by A and C, never indexed.
-        good = msgpack.unpackb(bytes.fromhex(b.call("sign_ad", key=fake_key, seq=17)["data_hex"]), raw=False)
+        good = msgpack.unpackb(
+            bytes.fromhex(b.call("sign_ad", key=fake_key, seq=17)["data_hex"]), raw=False
+        )
         bad_sig = msgpack.packb({**good, "sig": b"\x00" * 64}, use_bin_type=True)
         unsigned = msgpack.packb({k: v for k, v in good.items() if k != "sig"}, use_bin_type=True)
-        wrong_model = bytes.fromhex(b.call("sign_ad", key=fake_key, seq=18, model_hash="cd" * 32)["data_hex"])
+        wrong_model = bytes.fromhex(
+            b.call("sign_ad", key=fake_key, seq=18, model_hash="cd" * 32)["data_hex"]
+        )
         stale = bytes.fromhex(
-            b.call("sign_ad", key=fake_key, seq=19, ts=int(time.time() * 1000) - 3_600_000)["data_hex"])
+            b.call("sign_ad", key=fake_key, seq=19, ts=int(time.time() * 1000) - 3_600_000)[
+                "data_hex"
+            ]
+        )
         oversize = msgpack.packb({**good, "addrs": ["x" * 200] * 400}, use_bin_type=True)
-        a_ad = msgpack.unpackb(bytes.fromhex(a.call("sign_ad", key=fake_key, seq=13)["data_hex"]), raw=False)
+        a_ad = msgpack.unpackb(
+            bytes.fromhex(a.call("sign_ad", key=fake_key, seq=13)["data_hex"]), raw=False
+        )
         impersonated = msgpack.packb(a_ad, use_bin_type=True)  # A's valid ad, published by B
         hostile = (b"\xc1garbage", bad_sig, unsigned, wrong_model, stale, oversize, impersonated)
         before = {p.peer_id: sum(p.call("stats")["ads"]["rejected"].values()) for p in (a, c)}
@@ -148,7 +165,14 @@ def test_line_topology_gossip_and_hostile_messages() -> None:
             p.call("wait_rejected", n=before[p.peer_id] + len(hostile))
         for p in (a, c):
             rej = p.call("stats")["ads"]["rejected"]
-            assert {"malformed", "bad-signature", "stale", "oversize", "wrong-model", "unsigned"} <= set(rej), rej
+            assert {
+                "malformed",
+                "bad-signature",
+                "stale",
+                "oversize",
+                "wrong-model",
+                "unsigned",
+            } <= set(rej), rej
         for p in (a, c):
             assert p.call("index", key=fake_key)["providers"] == []  # nothing bad got through
         # everyone still serves

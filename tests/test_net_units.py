@@ -64,7 +64,9 @@ def _validator(tmp_path: Path, **kw: object) -> tuple[AdValidator, Identity]:
 
 def test_advert_roundtrip_and_index(tmp_path: Path) -> None:
     v, them = _validator(tmp_path)
-    ad = make_advert(them, MH, ["/ip4/127.0.0.1/tcp/1"], 5, [AdEntry("decoder_final", "01" * 32, 10, "02" * 32)])
+    ad = make_advert(
+        them, MH, ["/ip4/127.0.0.1/tcp/1"], 5, [AdEntry("decoder_final", "01" * 32, 10, "02" * 32)]
+    )
     got = v.check(ad.encode(), them.peer_id, ads_topic(MH))
     v.accept(got)
     assert [p.peer_id for p in v.index.providers("01" * 32)] == [them.peer_id]
@@ -108,8 +110,14 @@ def test_advert_decoder_never_crashes(data: bytes) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.sampled_from(["v", "key", "model_hash", "level", "range", "max_bytes"]),
-                       st.one_of(st.integers(), st.text(max_size=70), st.none(), st.lists(st.integers(), max_size=3))))
+@given(
+    st.dictionaries(
+        st.sampled_from(["v", "key", "model_hash", "level", "range", "max_bytes"]),
+        st.one_of(
+            st.integers(), st.text(max_size=70), st.none(), st.lists(st.integers(), max_size=3)
+        ),
+    )
+)
 def test_fetch_request_parser_rejects_cleanly(m: dict) -> None:
     try:
         FetchRequest.from_msg(m)
@@ -118,8 +126,15 @@ def test_fetch_request_parser_rejects_cleanly(m: dict) -> None:
 
 
 def _entry(i: Identity, prompt: list[int], params: SamplingParams) -> Entry:
-    e = Entry(input_sha256=input_sha256(MH, prompt, params), model_hash=MH, cache_level="decoder_final",
-              output=Output([5, 6, 7], "xyz"), params=params.to_dict(), privacy_flag=False, producer=i.peer_id)
+    e = Entry(
+        input_sha256=input_sha256(MH, prompt, params),
+        model_hash=MH,
+        cache_level="decoder_final",
+        output=Output([5, 6, 7], "xyz"),
+        params=params.to_dict(),
+        privacy_flag=False,
+        producer=i.peer_id,
+    )
     e.signature = i.sign(e.signing_payload())
     return e
 
@@ -132,15 +147,26 @@ def test_evidence_static_checks(tmp_path: Path) -> None:
     body = entry_to_wire(e)
     import hashlib
 
-    h = ResponseHeader(e.input_sha256, MH, "decoder_final", None, len(body), hashlib.sha256(body).hexdigest(),
-                       accuser.peer_id, liar.peer_id, 1)
+    h = ResponseHeader(
+        e.input_sha256,
+        MH,
+        "decoder_final",
+        None,
+        len(body),
+        hashlib.sha256(body).hexdigest(),
+        accuser.peer_id,
+        liar.peer_id,
+        1,
+    )
     h = ResponseHeader(**{**h.__dict__, "sig": liar.sign(h.payload())})
     ev = make_evidence(accuser, h, body, prompt, params, "token 2 is not the argmax")
     got = decode_evidence(ev.encode(), MH)
     assert got.liar == liar.peer_id and got.entry().output.tokens == [5, 6, 7]
     with pytest.raises(EvidenceRejected, match="wrong-model"):
         decode_evidence(ev.encode(), "cd" * 32)
-    forged = make_evidence(accuser, h, body, [2, 10, 12], params, "x")  # prompt not matching the key
+    forged = make_evidence(
+        accuser, h, body, [2, 10, 12], params, "x"
+    )  # prompt not matching the key
     with pytest.raises(EvidenceRejected, match="key"):
         decode_evidence(forged.encode(), MH)
     tampered = make_evidence(accuser, h, body.replace(b"xyz", b"xyw"), prompt, params, "x")
@@ -209,14 +235,25 @@ def test_cost_model_fetch_or_recompute() -> None:
     assert not cm.kv_prefix_pays(state, 2_000, PeerRecord("r", latency_ms=5, bandwidth=100e6))
 
 
-def _signed_lie(liar: Identity, accuser: Identity) -> tuple[ResponseHeader, bytes, list[int], SamplingParams]:
+def _signed_lie(
+    liar: Identity, accuser: Identity
+) -> tuple[ResponseHeader, bytes, list[int], SamplingParams]:
     import hashlib
 
     params = SamplingParams(max_tokens=8)
     prompt = [2, 10, 11]
     body = entry_to_wire(_entry(liar, prompt, params))
-    h = ResponseHeader(input_sha256(MH, prompt, params), MH, "decoder_final", None, len(body),
-                       hashlib.sha256(body).hexdigest(), accuser.peer_id, liar.peer_id, 1)
+    h = ResponseHeader(
+        input_sha256(MH, prompt, params),
+        MH,
+        "decoder_final",
+        None,
+        len(body),
+        hashlib.sha256(body).hexdigest(),
+        accuser.peer_id,
+        liar.peer_id,
+        1,
+    )
     return ResponseHeader(**{**h.__dict__, "sig": liar.sign(h.payload())}), body, prompt, params
 
 
@@ -249,23 +286,40 @@ def test_reputation_cli_reads_a_stopped_nodes_store(tmp_path: Path) -> None:
     (row,) = _json.loads(r.output)["peers"]
     assert row["failures"] == pytest.approx(1, abs=1e-3) and row["score"] < 0.5
     (detail,) = row["evidence_detail"]
-    assert detail["accuser"] == accuser.peer_id and detail["liar"] == liar.peer_id and "argmax" in detail["reason"]
+    assert (
+        detail["accuser"] == accuser.peer_id
+        and detail["liar"] == liar.peer_id
+        and "argmax" in detail["reason"]
+    )
     r = runner.invoke(app, ["peers", "--data-dir", str(acc_dir)])
     assert r.exit_code == 0 and "not running" in r.output
-    r = runner.invoke(app, ["reputation", ident(tmp_path, "stranger").peer_id, "--data-dir", str(acc_dir)])
+    r = runner.invoke(
+        app, ["reputation", ident(tmp_path, "stranger").peer_id, "--data-dir", str(acc_dir)]
+    )
     assert r.exit_code == 1  # no record of that peer: a clear error
     r = runner.invoke(app, ["reputation", "--data-dir", str(tmp_path / "nothing")])
     assert r.exit_code == 2 and "no store" in r.output
 
 
-def _warm(connected: set[str], scores: dict[str, float], banned: set[str] = frozenset(),
-          max_peers: int = 3, retry_s: float = 300.0, dial=None) -> WarmConnections:
+def _warm(
+    connected: set[str],
+    scores: dict[str, float],
+    banned: set[str] = frozenset(),
+    max_peers: int = 3,
+    retry_s: float = 300.0,
+    dial=None,
+) -> WarmConnections:
     async def no_dial(_p: str, _a: object, _t: float) -> None:
         raise AssertionError("not expected to dial")
 
-    return WarmConnections(WarmConfig(max_peers=max_peers, retry_s=retry_s, concurrency=2), "me",
-                           connected=lambda: set(connected), dial=dial or no_dial,
-                           score=lambda p: scores.get(p, 0.5), is_banned=lambda p: p in banned)
+    return WarmConnections(
+        WarmConfig(max_peers=max_peers, retry_s=retry_s, concurrency=2),
+        "me",
+        connected=lambda: set(connected),
+        dial=dial or no_dial,
+        score=lambda p: scores.get(p, 0.5),
+        is_banned=lambda p: p in banned,
+    )
 
 
 def test_warm_candidates_are_bounded_ranked_and_exclude_the_wrong_peers() -> None:
@@ -328,7 +382,14 @@ def test_index_keeps_the_addresses_of_a_bounded_number_of_producers(tmp_path: Pa
     index = GossipIndex(max_producers=2)
     ids = [ident(tmp_path, f"p{i}") for i in range(3)]
     for seq, who in enumerate(ids + [ids[0]]):  # p0 heard again last: p1 is the oldest
-        index.add(make_advert(who, MH, [f"/ip4/127.0.0.1/tcp/{seq + 1}"], seq + 1,
-                              [AdEntry("decoder_final", f"{seq:064x}", 10, "02" * 32)]))
+        index.add(
+            make_advert(
+                who,
+                MH,
+                [f"/ip4/127.0.0.1/tcp/{seq + 1}"],
+                seq + 1,
+                [AdEntry("decoder_final", f"{seq:064x}", 10, "02" * 32)],
+            )
+        )
     assert list(index.addrs) == [ids[2].peer_id, ids[0].peer_id]
     assert index.addrs[ids[0].peer_id] == ("/ip4/127.0.0.1/tcp/4",)

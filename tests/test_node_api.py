@@ -30,7 +30,9 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
 
 @pytest.fixture(scope="module")
 def client(node: NodeProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=node.url + "/v1", api_key="unused", timeout=HTTP_TIMEOUT, max_retries=0)
+    return openai.OpenAI(
+        base_url=node.url + "/v1", api_key="unused", timeout=HTTP_TIMEOUT, max_retries=0
+    )
 
 
 def unique(text: str) -> str:
@@ -67,15 +69,27 @@ def test_chat_completions_streamed_and_not(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": unique("Say hello.")}]
     plain = client.chat.completions.create(model=model, messages=messages, max_tokens=8)
     assert x_cache(plain)["level"] == "L3" and plain.choices[0].message.role == "assistant"
-    chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=8, stream=True))
+    chunks = list(
+        client.chat.completions.create(model=model, messages=messages, max_tokens=8, stream=True)
+    )
     assert {x_cache(c)["level"] for c in chunks} == {"L0"}
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == plain.choices[0].message.content
+    )
     assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
 
     # Streamed first (computed), then the same request non-streamed (cached).
-    messages2 = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": unique("Name a color.")}]
+    messages2 = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": unique("Name a color.")},
+    ]
     raw = client.chat.completions.with_raw_response.create(
-        model=model, messages=messages2, max_tokens=8, stream=True, stream_options={"include_usage": True},
+        model=model,
+        messages=messages2,
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     assert raw.headers["X-Cache-Level"] == "L3"
     streamed = list(raw.parse())
@@ -88,28 +102,36 @@ def test_chat_completions_streamed_and_not(client: openai.OpenAI) -> None:
 def test_share_opt_in_and_private_default(node: NodeProcess, client: openai.OpenAI) -> None:
     model = client.models.list().data[0].id
     private = client.completions.create(model=model, prompt=unique("One"), max_tokens=2)
-    shared = client.completions.create(model=model, prompt=unique("Two"), max_tokens=2, extra_body={"share": True})
+    shared = client.completions.create(
+        model=model, prompt=unique("Two"), max_tokens=2, extra_body={"share": True}
+    )
     r = httpx.get(node.url + "/admin/cache", params={"entries": 1000}, timeout=10)
     flags = {e["input_sha256"]: e["privacy_flag"] for e in r.json()["entries"]}
     assert flags[x_cache(private)["input_sha256"]] is True
     assert flags[x_cache(shared)["input_sha256"]] is False
 
 
-def test_bad_requests_get_clear_4xx_and_node_keeps_serving(node: NodeProcess, client: openai.OpenAI) -> None:
+def test_bad_requests_get_clear_4xx_and_node_keeps_serving(
+    node: NodeProcess, client: openai.OpenAI
+) -> None:
     model = client.models.list().data[0].id
     url = node.url + "/v1/chat/completions"
     good = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 
     def post(body: object, raw: bytes | None = None) -> httpx.Response:
         if raw is not None:
-            return httpx.post(url, content=raw, headers={"content-type": "application/json"}, timeout=HTTP_TIMEOUT)
+            return httpx.post(
+                url, content=raw, headers={"content-type": "application/json"}, timeout=HTTP_TIMEOUT
+            )
         return httpx.post(url, json=body, timeout=HTTP_TIMEOUT)
 
     r = post(None, raw=b'{"model": "x", "messages": [')
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
 
     with pytest.raises(openai.NotFoundError) as nf:
-        client.chat.completions.create(model="no-such-model", messages=good["messages"], max_tokens=2)
+        client.chat.completions.create(
+            model="no-such-model", messages=good["messages"], max_tokens=2
+        )
     assert "does not exist on this node" in str(nf.value) and model in str(nf.value)
 
     with pytest.raises(openai.BadRequestError) as neg:
@@ -119,13 +141,26 @@ def test_bad_requests_get_clear_4xx_and_node_keeps_serving(node: NodeProcess, cl
     long_prompt = "word " * 3000  # > n_ctx 1024 tokens
     r = post({**good, "messages": [{"role": "user", "content": long_prompt}]})
     err = r.json()["error"]
-    assert r.status_code == 400 and err["code"] == "context_length_exceeded" and "context window" in err["message"]
+    assert (
+        r.status_code == 400
+        and err["code"] == "context_length_exceeded"
+        and "context window" in err["message"]
+    )
 
-    for field, value in (("max_tokens", "ten"), ("messages", "hi"), ("temperature", "hot"), ("stream", "yes"),
-                         ("seed", 1.5), ("stop", 3)):
+    for field, value in (
+        ("max_tokens", "ten"),
+        ("messages", "hi"),
+        ("temperature", "hot"),
+        ("stream", "yes"),
+        ("seed", 1.5),
+        ("stop", 3),
+    ):
         r = post({**good, field: value})
         assert r.status_code == 400, (field, r.text)
-        assert r.json()["error"]["param"].split(".")[0] == field and field in r.json()["error"]["message"]
+        assert (
+            r.json()["error"]["param"].split(".")[0] == field
+            and field in r.json()["error"]["message"]
+        )
     r = post({**good, "n": 3})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
     r = post({**good, "bogus": 1})
@@ -146,7 +181,9 @@ def test_32_identical_concurrent_requests_run_the_model_once(node: NodeProcess) 
     body = {"model": status(node)["model"], "prompt": unique("Count to three:"), "max_tokens": 12}
     limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
     with httpx.Client(timeout=HTTP_TIMEOUT, limits=limits) as http, ThreadPoolExecutor(32) as pool:
-        responses = list(pool.map(lambda _: http.post(node.url + "/v1/completions", json=body), range(32)))
+        responses = list(
+            pool.map(lambda _: http.post(node.url + "/v1/completions", json=body), range(32))
+        )
     assert [r.status_code for r in responses] == [200] * 32
     docs = [r.json() for r in responses]
     assert len({d["choices"][0]["text"] for d in docs}) == 1
@@ -164,17 +201,26 @@ def test_models_admin_and_metrics(node: NodeProcess, client: openai.OpenAI) -> N
     assert re.fullmatch(r"[0-9a-f]{64}", st["model_hash"]) and st["peer_id"].startswith("12D3KooW")
     assert st["queue_depth"] == 0 and st["draining"] is False
     # empty without the network layer; with it, full multiaddrs ending in our peer id
-    assert all(a.startswith("/ip4/127.0.0.1/tcp/") and a.endswith("/p2p/" + st["peer_id"]) for a in st["addrs"])
+    assert all(
+        a.startswith("/ip4/127.0.0.1/tcp/") and a.endswith("/p2p/" + st["peer_id"])
+        for a in st["addrs"]
+    )
     for path in ("/admin/peers", "/admin/reputation"):
         doc = httpx.get(node.url + path, timeout=10).json()
         assert doc["peer_id"] == st["peer_id"] and isinstance(doc["peers"], list)
     cache = httpx.get(node.url + "/admin/cache", timeout=10).json()
     assert cache["entries"] >= 1 and cache["answers_by_level"]["L3"] >= 1
     metrics = httpx.get(node.url + "/metrics", timeout=10).text
-    for name in ("p2pcache_answers_total{level=\"L0\"}", "p2pcache_answers_total{level=\"L2\"}",
-                 "p2pcache_queue_depth", "p2pcache_bytes_fetched_total", "p2pcache_bytes_served_total",
-                 "p2pcache_verification_failures_total", "p2pcache_peer_score",
-                 'p2pcache_http_requests_total{route="/v1/completions",status="200"}'):
+    for name in (
+        'p2pcache_answers_total{level="L0"}',
+        'p2pcache_answers_total{level="L2"}',
+        "p2pcache_queue_depth",
+        "p2pcache_bytes_fetched_total",
+        "p2pcache_bytes_served_total",
+        "p2pcache_verification_failures_total",
+        "p2pcache_peer_score",
+        'p2pcache_http_requests_total{route="/v1/completions",status="200"}',
+    ):
         assert name in metrics, name
     l3 = float(re.search(r'^p2pcache_answers_total\{level="L3"\} (\S+)', metrics, re.M).group(1))
     assert l3 == cache["answers_by_level"]["L3"]
@@ -184,8 +230,12 @@ def test_admin_providers_and_reputation_validate_their_queries(node: NodeProcess
     key = "ab" * 32
     r = httpx.get(node.url + "/admin/providers", params={"key": key, "wait_s": "0.2"}, timeout=10)
     assert r.status_code == 200 and r.json()["providers"] == [] and r.json()["key"] == key
-    for params, param in (({"key": "xyz"}, "key"), ({"key": key, "wait_s": "600"}, "wait_s"),
-                          ({"key": key, "wait_s": "soon"}, "wait_s"), ({"key": key, "level": "L9"}, "level")):
+    for params, param in (
+        ({"key": "xyz"}, "key"),
+        ({"key": key, "wait_s": "600"}, "wait_s"),
+        ({"key": key, "wait_s": "soon"}, "wait_s"),
+        ({"key": key, "level": "L9"}, "level"),
+    ):
         r = httpx.get(node.url + "/admin/providers", params=params, timeout=10)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     r = httpx.get(node.url + "/admin/reputation", params={"peer_id": "not a peer id!"}, timeout=10)
@@ -201,15 +251,25 @@ def test_share_by_default_node_shares_unless_the_request_says_private(tmp_path: 
     try:
         model = n.ready["model"]
         keys = {}
-        for name, extra in (("default", {}), ("private", {"share": False}), ("shared", {"share": True})):
+        for name, extra in (
+            ("default", {}),
+            ("private", {"share": False}),
+            ("shared", {"share": True}),
+        ):
             body = {"model": model, "prompt": unique(name), "max_tokens": 2, **extra}
             r = httpx.post(n.url + "/v1/completions", json=body, timeout=HTTP_TIMEOUT)
             assert r.status_code == 200, r.text
             keys[name] = r.json()["x_cache"]["input_sha256"]
         assert status(n)["share_by_default"] is True
-        entries = httpx.get(n.url + "/admin/cache", params={"entries": 10}, timeout=10).json()["entries"]
+        entries = httpx.get(n.url + "/admin/cache", params={"entries": 10}, timeout=10).json()[
+            "entries"
+        ]
         flags = {e["input_sha256"]: e["privacy_flag"] for e in entries}
-        assert (flags[keys["default"]], flags[keys["private"]], flags[keys["shared"]]) == (False, True, False)
+        assert (flags[keys["default"]], flags[keys["private"]], flags[keys["shared"]]) == (
+            False,
+            True,
+            False,
+        )
     finally:
         assert n.stop() == 0, n.log_tail()
 
@@ -217,7 +277,9 @@ def test_share_by_default_node_shares_unless_the_request_says_private(tmp_path: 
 def wait_for_log(n: NodeProcess, msg: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not any(rec.get("msg") == msg for rec in n.log_records()):
-        assert time.monotonic() < deadline and n.proc.poll() is None, f"no {msg!r} in the log:\n{n.log_tail()}"
+        assert time.monotonic() < deadline and n.proc.poll() is None, (
+            f"no {msg!r} in the log:\n{n.log_tail()}"
+        )
         time.sleep(0.05)  # polls the node's log file (no other channel tells us)
 
 
@@ -227,13 +289,20 @@ def test_second_signal_stops_at_once_and_still_exits_cleanly(tmp_path: Path) -> 
     assert httpx.post(n.url + "/v1/completions", json=body, timeout=HTTP_TIMEOUT).status_code == 200
     # A long generation is in flight, so the drain the first signal starts cannot finish
     # before the second one arrives (with nothing in flight it would, and race).
-    long_body = {"model": n.ready["model"], "prompt": unique("Count:") + " 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
-                 "max_tokens": 400}
+    long_body = {
+        "model": n.ready["model"],
+        "prompt": unique("Count:") + " 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
+        "max_tokens": 400,
+    }
     with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(httpx.post, n.url + "/v1/completions", json=long_body, timeout=HTTP_TIMEOUT)
+        pending = pool.submit(
+            httpx.post, n.url + "/v1/completions", json=long_body, timeout=HTTP_TIMEOUT
+        )
         deadline = time.monotonic() + 30
         while not status(n)["model_busy"]:
-            assert time.monotonic() < deadline and not pending.done(), "the long request never started"
+            assert time.monotonic() < deadline and not pending.done(), (
+                "the long request never started"
+            )
             time.sleep(0.05)
         n.signal()
         # trio coalesces a signal that arrives again before it was read: wait until the node
@@ -256,11 +325,17 @@ def test_second_signal_stops_at_once_and_still_exits_cleanly(tmp_path: Path) -> 
 
 
 def test_full_queue_answers_429_and_503_never_hangs(tmp_path: Path) -> None:
-    n = start_node("busy", tmp_path / "busy", extra=("--n-ctx", "1024", "--max-queue", "1"),
-                   env={"P2PCACHE_QUEUE_TIMEOUT_S": "0.3"})
+    n = start_node(
+        "busy",
+        tmp_path / "busy",
+        extra=("--n-ctx", "1024", "--max-queue", "1"),
+        env={"P2PCACHE_QUEUE_TIMEOUT_S": "0.3"},
+    )
     try:
         model = n.ready["model"]
-        bodies = [{"model": model, "prompt": unique(f"Story {i}:"), "max_tokens": 64} for i in range(6)]
+        bodies = [
+            {"model": model, "prompt": unique(f"Story {i}:"), "max_tokens": 64} for i in range(6)
+        ]
         with httpx.Client(timeout=HTTP_TIMEOUT) as http, ThreadPoolExecutor(6) as pool:
             rs = list(pool.map(lambda b: http.post(n.url + "/v1/completions", json=b), bodies))
         codes = sorted(r.status_code for r in rs)
@@ -272,7 +347,7 @@ def test_full_queue_answers_429_and_503_never_hangs(tmp_path: Path) -> None:
                 assert r.headers["Retry-After"] == "1"
             if r.status_code == 503:
                 assert r.json()["error"]["code"] == "queue_timeout"
-        done = next(b for b, r in zip(bodies, rs) if r.status_code == 200)
+        done = next(b for b, r in zip(bodies, rs, strict=False) if r.status_code == 200)
         again = httpx.post(n.url + "/v1/completions", json=done, timeout=HTTP_TIMEOUT)
         assert again.status_code == 200 and again.json()["x_cache"]["level"] == "L0"
         metrics = httpx.get(n.url + "/metrics", timeout=10).text
@@ -324,7 +399,9 @@ def test_cli_talks_to_the_running_node(node: NodeProcess) -> None:
     import sys
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "p2pcache", *args], capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "p2pcache", *args], capture_output=True, text=True, timeout=60
+        )
 
     st = json.loads(cli("node", "status", "--data-dir", str(node.data_dir), "--json").stdout)
     assert st["peer_id"] == node.peer_id

@@ -21,11 +21,20 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_precedence_toml_then_env_then_flags(tmp_path: Path) -> None:
-    toml = write(tmp_path, 'http = "0.0.0.0:9000"\nmax_queue = 5\nshare_by_default = true\n'
-                           'data_dir = "data"\nlog_format = "text"\nsize_cap = "2GiB"\n')
-    env = {"P2PCACHE_MAX_QUEUE": "7", "P2PCACHE_HTTP": "127.0.0.1:9001",
-           "P2PCACHE_BOOTSTRAP": "/ip4/10.0.0.1/tcp/4001/p2p/12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo",
-           "UNRELATED": "x", "P2PCACHE_CUDA": "1"}
+    toml = write(
+        tmp_path,
+        'http = "0.0.0.0:9000"\nmax_queue = 5\nshare_by_default = true\n'
+        'data_dir = "data"\nlog_format = "text"\nsize_cap = "2GiB"\n',
+    )
+    env = {
+        "P2PCACHE_MAX_QUEUE": "7",
+        "P2PCACHE_HTTP": "127.0.0.1:9001",
+        "P2PCACHE_BOOTSTRAP": (
+            "/ip4/10.0.0.1/tcp/4001/p2p/12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo"
+        ),
+        "UNRELATED": "x",
+        "P2PCACHE_CUDA": "1",
+    }
     cfg = load_config(toml, env, {"http": "127.0.0.1:0", "max_queue": None})
     assert cfg.http == "127.0.0.1:0"  # flag beats env beats TOML
     assert cfg.max_queue == 7  # env beats TOML; an unset flag (None) does not count
@@ -39,8 +48,14 @@ def test_precedence_toml_then_env_then_flags(tmp_path: Path) -> None:
 def test_config_file_from_env_and_defaults(tmp_path: Path) -> None:
     toml = write(tmp_path, "max_queue = 3\n")
     assert load_config(None, {"P2PCACHE_CONFIG": str(toml)}, {}).max_queue == 3
-    assert load_config(None, {"P2PCACHE_SHARE_BY_DEFAULT": "yes", "P2PCACHE_LISTEN": "/ip4/1.2.3.4/tcp/1, /ip4/1.2.3.4/udp/1/quic-v1"}, {}).listen == [
-        "/ip4/1.2.3.4/tcp/1", "/ip4/1.2.3.4/udp/1/quic-v1"]
+    assert load_config(
+        None,
+        {
+            "P2PCACHE_SHARE_BY_DEFAULT": "yes",
+            "P2PCACHE_LISTEN": "/ip4/1.2.3.4/tcp/1, /ip4/1.2.3.4/udp/1/quic-v1",
+        },
+        {},
+    ).listen == ["/ip4/1.2.3.4/tcp/1", "/ip4/1.2.3.4/udp/1/quic-v1"]
 
 
 @pytest.mark.parametrize(
@@ -53,7 +68,12 @@ def test_config_file_from_env_and_defaults(tmp_path: Path) -> None:
         ("", {}, {"bootstrap": ["/ip4/1.2.3.4/tcp/4001"]}, "must end in /p2p/<peer id>"),
         ('max_queue = "lots"\n', {}, {}, "max_queue = 'lots'"),
         ("max_queue = -1\n", {}, {}, "greater than or equal to 0"),
-        ("", {"P2PCACHE_SHARE_BY_DEFAULT": "maybe"}, {}, "P2PCACHE_SHARE_BY_DEFAULT='maybe': expected true or false"),
+        (
+            "",
+            {"P2PCACHE_SHARE_BY_DEFAULT": "maybe"},
+            {},
+            "P2PCACHE_SHARE_BY_DEFAULT='maybe': expected true or false",
+        ),
         ('size_cap = "lots"\n', {}, {}, "expected a size such as 4GiB"),
         ('log_level = "loud"\n', {}, {}, "log_level = 'loud'"),
         ("http = [\n", {}, {}, "is not valid TOML"),
@@ -75,7 +95,11 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 
 def test_sizes() -> None:
-    assert parse_size("512MB") == 512 * 10**6 and parse_size("1 MiB") == 2**20 and parse_size(100) == 100
+    assert (
+        parse_size("512MB") == 512 * 10**6
+        and parse_size("1 MiB") == 2**20
+        and parse_size(100) == 100
+    )
     with pytest.raises(ValueError):
         parse_size("12 parsecs")
 
@@ -88,22 +112,39 @@ def test_example_node_toml_is_valid() -> None:
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     import os
 
-    return subprocess.run([sys.executable, "-m", "p2pcache", *args], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "p2pcache", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_cli_bad_config_fails_fast_with_a_clear_error(tmp_path: Path) -> None:
     bad = write(tmp_path, 'http = "localhost"\nmax_qeue = 3\n')
     r = run_cli("node", "run", "--config", str(bad))
-    assert r.returncode == 2 and "unknown key 'max_qeue'" in r.stderr and "did you mean 'max_queue'" in r.stderr
+    assert (
+        r.returncode == 2
+        and "unknown key 'max_qeue'" in r.stderr
+        and "did you mean 'max_queue'" in r.stderr
+    )
     r = run_cli("node", "run", "--http", "nowhere")
     assert r.returncode == 2 and "http = 'nowhere' (from --http)" in r.stderr
 
 
 def test_cli_print_config_merges_sources(tmp_path: Path) -> None:
     toml = write(tmp_path, "max_queue = 3\nn_ctx = 2048\n")
-    r = run_cli("node", "run", "--config", str(toml), "--n-ctx", "4096", "--print-config",
-                env={"P2PCACHE_MAX_QUEUE": "9"})
+    r = run_cli(
+        "node",
+        "run",
+        "--config",
+        str(toml),
+        "--n-ctx",
+        "4096",
+        "--print-config",
+        env={"P2PCACHE_MAX_QUEUE": "9"},
+    )
     assert r.returncode == 0, r.stderr
     doc = tomllib.loads(r.stdout)
     assert doc["max_queue"] == 9 and doc["n_ctx"] == 4096 and doc["http"] == "127.0.0.1:8080"
@@ -112,7 +153,15 @@ def test_cli_print_config_merges_sources(tmp_path: Path) -> None:
 def test_cli_help_lists_flags_and_env() -> None:
     r = run_cli("node", "run", "--help")
     assert r.returncode == 0
-    for text in ("--config", "--data-dir", "--listen", "--http", "--bootstrap", "--model", "P2PCACHE_MAX_QUEUE"):
+    for text in (
+        "--config",
+        "--data-dir",
+        "--listen",
+        "--http",
+        "--bootstrap",
+        "--model",
+        "P2PCACHE_MAX_QUEUE",
+    ):
         assert text in r.stdout, text
 
 

@@ -1,4 +1,4 @@
-"""L1 semantic tier (issue 5): real MiniLM embeddings, real FAISS, real LMDB, real Gemma 3 270M."""
+"""L1 semantic tier: real MiniLM embeddings, real FAISS, real LMDB, real Gemma 3 270M."""
 
 from __future__ import annotations
 
@@ -32,10 +32,18 @@ def embedder() -> Embedder:
     return Embedder()
 
 
-def make(store: Store, backend: LlamaBackend, model_hash: str, tmp_path: Path, embedder: Embedder,
-         **cfg: object) -> tuple[Resolver, SemanticTier]:
+def make(
+    store: Store,
+    backend: LlamaBackend,
+    model_hash: str,
+    tmp_path: Path,
+    embedder: Embedder,
+    **cfg: object,
+) -> tuple[Resolver, SemanticTier]:
     worker = BackendWorker(backend)
-    tier = SemanticTier(store, worker, model_hash, tmp_path / "semantic", SemanticConfig(**cfg), embedder)
+    tier = SemanticTier(
+        store, worker, model_hash, tmp_path / "semantic", SemanticConfig(**cfg), embedder
+    )
     identity = Identity.load_or_create(tmp_path / "identity.key")
     return Resolver(store, worker, model_hash, identity, tiers=[tier]), tier
 
@@ -58,10 +66,13 @@ def test_evaluation_set_has_300_labelled_pairs_in_thirds() -> None:
 
 
 def test_embeddings_are_unit_vectors_and_rank_paraphrases_first(embedder: Embedder) -> None:
-    v = embedder.embed([
-        "What is the capital of France?", "Which city is the capital of France?",
-        "How do I bake sourdough bread?",
-    ])
+    v = embedder.embed(
+        [
+            "What is the capital of France?",
+            "Which city is the capital of France?",
+            "How do I bake sourdough bread?",
+        ]
+    )
     assert v.shape == (3, 384) and v.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
     assert v[0] @ v[1] > 0.85 > 0.3 > v[0] @ v[2]
@@ -77,22 +88,38 @@ def test_embeddings_are_unit_vectors_and_rank_paraphrases_first(embedder: Embedd
         ("Flights from Rome to Paris", "Flights from Paris to Rome", "order"),
         ("What is the smallest planet?", "What is the largest planet?", "opposite"),
         ("Where was the Eiffel Tower built?", "When was the Eiffel Tower built?", "question type"),
-        ("How do I convert an integer to a string?", "How do I convert a string to an integer?", "order"),
+        (
+            "How do I convert an integer to a string?",
+            "How do I convert a string to an integer?",
+            "order",
+        ),
         ("What eats pandas?", "What do pandas eat?", "order"),
-        ("How do I sort a dictionary by key?", "How do I sort a dictionary by value?", "swapped words"),
+        (
+            "How do I sort a dictionary by key?",
+            "How do I sort a dictionary by value?",
+            "swapped words",
+        ),
         ("Who stole the Mona Lisa?", "Who painted the Mona Lisa?", "swapped words"),
     ],
 )
-def test_lexical_checks_reject_near_misses(new: str, old: str, reason: str, embedder: Embedder) -> None:
+def test_lexical_checks_reject_near_misses(
+    new: str, old: str, reason: str, embedder: Embedder
+) -> None:
     why = lexical_reject(new, old, phrase_similarity(embedder))
     assert why is not None and reason in why
 
 
 def test_lexical_checks_pass_paraphrases(embedder: Embedder) -> None:
     sim = phrase_similarity(embedder)
-    assert lexical_reject("Which city is France's capital?", "What is the capital of France?", sim) is None
+    assert (
+        lexical_reject("Which city is France's capital?", "What is the capital of France?", sim)
+        is None
+    )
     assert lexical_reject("How can I exit the Vim editor?", "How do I exit Vim?", sim) is None
-    assert lexical_reject("How many ounces make up one pound?", "How many ounces are in a pound?", sim) is None
+    assert (
+        lexical_reject("How many ounces make up one pound?", "How many ounces are in a pound?", sim)
+        is None
+    )
     # A synonym swap passes when the embedder finds the words alike; without it, any swap rejects.
     new, old = "When was the Eiffel Tower constructed?", "When was the Eiffel Tower built?"
     assert lexical_reject(new, old, sim) is None
@@ -117,7 +144,9 @@ def test_score_reports_per_token_logprobs_argmax_and_top_k(backend: LlamaBackend
         if s.argmax[j] == tok:
             assert s.gaps[j] == 0 and s.logprobs[j] == pytest.approx(s.top_logprobs[j][0], abs=1e-4)
     # A wrong answer scores lower; generation afterwards is unchanged (the KV is reset).
-    wrong = backend.tokenize(" Berlin is a city in Germany", )[1:]
+    wrong = backend.tokenize(
+        " Berlin is a city in Germany",
+    )[1:]
     assert backend.score(prompt, wrong).mean_logprob < s.mean_logprob - 1
     assert backend.generate(prompt, SamplingParams(max_tokens=12)).tokens == gen.tokens
 
@@ -156,16 +185,25 @@ def test_paraphrase_is_served_from_l1_with_scores(
 @pytest.mark.parametrize(
     ("cached", "near", "reason"),
     [
-        ("How do I sort a dictionary by value in Python?", "How do I sort a dictionary by key in Python?",
-         "swapped words"),
+        (
+            "How do I sort a dictionary by value in Python?",
+            "How do I sort a dictionary by key in Python?",
+            "swapped words",
+        ),
         ("What is 12 times 8?", "What is 12 times 9?", "numbers"),
         ("Why is the sky blue?", "Why is the sky not blue?", "negation"),
         ("When was the Eiffel Tower built?", "Where was the Eiffel Tower built?", "question type"),
     ],
 )
 def test_near_miss_is_rejected_by_the_gate(
-    store: Store, backend: LlamaBackend, default_model_hash: str, tmp_path: Path, embedder: Embedder,
-    cached: str, near: str, reason: str,
+    store: Store,
+    backend: LlamaBackend,
+    default_model_hash: str,
+    tmp_path: Path,
+    embedder: Embedder,
+    cached: str,
+    near: str,
+    reason: str,
 ) -> None:
     # Default settings. The near-miss is above tau, so similarity alone would serve the cached
     # answer: only the gate stands between it and a wrong answer.
@@ -197,7 +235,9 @@ def test_model_gate_alone_rejects_a_near_miss_that_similarity_accepts(
     store: Store, backend: LlamaBackend, default_model_hash: str, tmp_path: Path, embedder: Embedder
 ) -> None:
     # Lexical checks off: only the teacher-forced log-prob decides.
-    resolver, tier = make(store, backend, default_model_hash, tmp_path, embedder, lexical=False, tau=0.6)
+    resolver, tier = make(
+        store, backend, default_model_hash, tmp_path, embedder, lexical=False, tau=0.6
+    )
     cached = ask(resolver, "What is the capital of France?")
     vec = embedder.embed_one(qa("What is the capital of Germany?"))
     sim = float(vec @ tier.index.get(cached.input_sha256).vec())
@@ -224,7 +264,10 @@ def test_index_survives_restart_and_is_rebuilt_when_deleted_or_corrupt(
 ) -> None:
     store = Store(tmp_path / "store")
     resolver, tier = make(store, backend, default_model_hash, tmp_path, embedder)
-    keys = [ask(resolver, q).input_sha256 for q in ("What is the capital of France?", "Who wrote Hamlet?")]
+    keys = [
+        ask(resolver, q).input_sha256
+        for q in ("What is the capital of France?", "Who wrote Hamlet?")
+    ]
     tier.close()
     store.close()
     index_file = tmp_path / "semantic" / f"{default_model_hash}.faiss"
@@ -303,11 +346,22 @@ def test_cli_similar_shows_nearest_entries_with_scores(
     tier.close()
     store.close()
     result = CliRunner().invoke(
-        app, ["cache", "similar", qa("Which city is France's capital?"), "--data-dir", str(tmp_path), "--json"]
+        app,
+        [
+            "cache",
+            "similar",
+            qa("Which city is France's capital?"),
+            "--data-dir",
+            str(tmp_path),
+            "--json",
+        ],
     )
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)["neighbours"]
-    assert [n["prompt"] for n in out] == [qa("What is the capital of France?"), qa("Who wrote Hamlet?")]
+    assert [n["prompt"] for n in out] == [
+        qa("What is the capital of France?"),
+        qa("Who wrote Hamlet?"),
+    ]
     assert out[0]["similarity"] > 0.85 > out[1]["similarity"]
     assert out[0]["lexical"] == "ok" and "Paris" in out[0]["answer"]
 
@@ -319,9 +373,16 @@ def test_http_node_serves_l1_only_when_asked_and_reports_scores(tmp_path: Path) 
 
     from p2pcache.node.cluster import start_node
 
-    node = start_node("semantic", tmp_path / "node", extra=("--n-ctx", "1024"),
-                      env={"P2PCACHE_SEMANTIC": "true", "P2PCACHE_SEMANTIC_TAU": "0.85",
-                           "P2PCACHE_SEMANTIC_MARGIN": "1.0"})
+    node = start_node(
+        "semantic",
+        tmp_path / "node",
+        extra=("--n-ctx", "1024"),
+        env={
+            "P2PCACHE_SEMANTIC": "true",
+            "P2PCACHE_SEMANTIC_TAU": "0.85",
+            "P2PCACHE_SEMANTIC_MARGIN": "1.0",
+        },
+    )
     try:
         model = httpx.get(node.url + "/v1/models", timeout=30).json()["data"][0]["id"]
 
@@ -342,8 +403,11 @@ def test_http_node_serves_l1_only_when_asked_and_reports_scores(tmp_path: Path) 
         assert x["semantic"]["gate"]["accepted"] and x["semantic"]["gate"]["scored_tokens"] > 0
         assert complete("Which city is the capital of France?")["x_cache"]["level"] == "L3"
         # A bad type for the flag is a clear 4xx, and the node keeps serving.
-        bad = httpx.post(node.url + "/v1/completions", json={"model": model, "prompt": "x", "semantic": "yes"},
-                         timeout=30)
+        bad = httpx.post(
+            node.url + "/v1/completions",
+            json={"model": model, "prompt": "x", "semantic": "yes"},
+            timeout=30,
+        )
         assert bad.status_code == 400 and "semantic" in bad.text
         assert complete("What is the capital of France?")["x_cache"]["level"] == "L0"
     finally:

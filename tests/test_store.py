@@ -47,7 +47,9 @@ def test_hits_are_counted(store: Store) -> None:
     assert (s.hits, s.misses, s.entries, s.inserts) == (3, 1, 1, 1)
 
 
-def test_corrupt_value_is_dropped_and_reported(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+def test_corrupt_value_is_dropped_and_reported(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
     good, bad = make_entry(3), make_entry(4)
     store.put(good)
     store.put(bad)
@@ -151,8 +153,13 @@ def test_reopen_keeps_everything(tmp_path: Path) -> None:
 )
 def test_encoding_roundtrip(text: str, tokens: list[int], private: bool, hits: int) -> None:
     e = Entry(
-        input_sha256="ab" * 32, model_hash=MODEL, cache_level="decoder_final",
-        output=Output(tokens=tokens, text=text), params={"seed": 1}, privacy_flag=private, hits=hits,
+        input_sha256="ab" * 32,
+        model_hash=MODEL,
+        cache_level="decoder_final",
+        output=Output(tokens=tokens, text=text),
+        params={"seed": 1},
+        privacy_flag=private,
+        hits=hits,
     )
     assert decode_entry(encode_entry(e)) == e
 

@@ -177,6 +177,7 @@ def test_a_data_dir_written_the_old_way_opens(tmp_path: Path) -> None:
         txn.put(chunk_hash, (1234).to_bytes(8, "little"), db=kv_use)  # oldest form: no depth
         peers, ev = env.open_db(b"rep_peers", txn=txn), env.open_db(b"rep_evidence", txn=txn)
         from dataclasses import asdict
+
         txn.put(peer.peer_id.encode(), msgpack.packb(asdict(peer), use_bin_type=True), db=peers)
         txn.put(bytes.fromhex("ab" * 32), b"the proof", db=ev)
     env.close()
@@ -307,8 +308,16 @@ def test_the_flusher_writes_off_the_loop_and_once_more_when_cancelled(tmp_path: 
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.sampled_from(["success", "timeout", "bad", "lie", "flush"]),
-                          st.sampled_from(["a", "b", "c"]), st.integers(0, 3)), max_size=25))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["success", "timeout", "bad", "lie", "flush"]),
+            st.sampled_from(["a", "b", "c"]),
+            st.integers(0, 3),
+        ),
+        max_size=25,
+    )
+)
 def test_a_crash_loses_at_most_the_unflushed_changes(ops: list[tuple[str, str, int]]) -> None:
     """Model: what a fresh process reads equals the view at the last flush."""
     with tempfile.TemporaryDirectory() as d:
@@ -335,7 +344,11 @@ def test_a_crash_loses_at_most_the_unflushed_changes(ops: list[tuple[str, str, i
         for pid, want in flushed.items():
             got = fresh[pid]
             assert (got.fetches, got.bytes_in, got.evidence, got.banned_until) == (
-                want.fetches, want.bytes_in, want.evidence, want.banned_until)
+                want.fetches,
+                want.bytes_in,
+                want.evidence,
+                want.banned_until,
+            )
             assert got.score() == pytest.approx(want.score())
         store.close()
 
@@ -356,8 +369,13 @@ for r in range(1, 100_000):
 
 def test_sigkill_during_flushes_never_corrupts(tmp_path: Path) -> None:
     path = tmp_path / "store"
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE,
-                            text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     flushed = 0
     assert proc.stdout is not None
     try:

@@ -53,17 +53,27 @@ def test_live_text_equals_the_decode_loops_text_on_the_real_model(backend: Llama
     for stops in ((), ("15,",), ("4, 1",), ("16", "never appears")):
         live = LiveText(lambda toks: backend.llm.detokenize(list(toks)), stops)
         pieces: list[str] = []
-        gen = backend.generate(prompt, SamplingParams(max_tokens=32, stop=stops),
-                               on_token=lambda t: pieces.append(live.feed(t)))
+        gen = backend.generate(
+            prompt,
+            SamplingParams(max_tokens=32, stop=stops),
+            on_token=lambda t, pieces=pieces, live=live: pieces.append(live.feed(t)),
+        )
         rest = live.rest(gen.text)
         assert rest is not None and "".join(pieces) + rest == gen.text, stops
-        assert len([p for p in pieces if p]) >= 2, stops  # released during generation, not at the end
+        assert len([p for p in pieces if p]) >= 2, (
+            stops
+        )  # released during generation, not at the end
         if not stops:  # the hook changes nothing
             plain = backend.generate(prompt, SamplingParams(max_tokens=32))
-            assert (plain.tokens, plain.text, plain.finish_reason) == (gen.tokens, gen.text, gen.finish_reason)
+            assert (plain.tokens, plain.text, plain.finish_reason) == (
+                gen.tokens,
+                gen.text,
+                gen.finish_reason,
+            )
 
 
 # -- a node process ---------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
@@ -74,7 +84,9 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
 
 @pytest.fixture(scope="module")
 def client(node: NodeProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=node.url + "/v1", api_key="unused", timeout=HTTP_TIMEOUT, max_retries=0)
+    return openai.OpenAI(
+        base_url=node.url + "/v1", api_key="unused", timeout=HTTP_TIMEOUT, max_retries=0
+    )
 
 
 def counting() -> str:
@@ -93,11 +105,18 @@ def status(node: NodeProcess) -> dict:
 
 
 @pytest.mark.model
-def test_streamed_l3_completion_is_live_and_equals_the_cached_answer(node: NodeProcess, client: openai.OpenAI) -> None:
+def test_streamed_l3_completion_is_live_and_equals_the_cached_answer(
+    node: NodeProcess, client: openai.OpenAI
+) -> None:
     model, prompt = node.ready["model"], counting()
     before = status(node)["computations"]
     raw = client.completions.with_raw_response.create(
-        model=model, prompt=prompt, max_tokens=48, stream=True, stream_options={"include_usage": True})
+        model=model,
+        prompt=prompt,
+        max_tokens=48,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     assert raw.headers["X-Cache-Level"] == "L3"
     chunks = iter(raw.parse())
     first = next(chunks)
@@ -111,10 +130,17 @@ def test_streamed_l3_completion_is_live_and_equals_the_cached_answer(node: NodeP
     assert final.choices[0].finish_reason == "length"
     assert usage.choices == [] and usage.usage.completion_tokens == 48
     x = x_cache(final)
-    assert x["level"] == "L3" and x["timings"]["decode_ms"] > 0 and x["timings"]["completion_tokens"] == 48
+    assert (
+        x["level"] == "L3"
+        and x["timings"]["decode_ms"] > 0
+        and x["timings"]["completion_tokens"] == 48
+    )
     # node side: the first event left before the request's work (generate + store) was done
     assert x["stream"]["live"] is True and x["stream"]["first_event_ms"] < x["timings"]["total_ms"]
-    assert all(x_cache(c)["level"] == "L3" and x_cache(c)["input_sha256"] == x["input_sha256"] for c in rest)
+    assert all(
+        x_cache(c)["level"] == "L3" and x_cache(c)["input_sha256"] == x["input_sha256"]
+        for c in rest
+    )
 
     again = client.completions.create(model=model, prompt=prompt, max_tokens=48)
     assert x_cache(again)["level"] == "L0" and again.choices[0].text == streamed  # byte for byte
@@ -124,16 +150,29 @@ def test_streamed_l3_completion_is_live_and_equals_the_cached_answer(node: NodeP
 @pytest.mark.model
 def test_streamed_l3_chat_is_live_with_usage(node: NodeProcess, client: openai.OpenAI) -> None:
     model = node.ready["model"]
-    messages = [{"role": "system", "content": "Continue the sequence."}, {"role": "user", "content": counting()}]
-    stream = client.chat.completions.create(model=model, messages=messages, max_tokens=32, stream=True,
-                                            stream_options={"include_usage": True})
+    messages = [
+        {"role": "system", "content": "Continue the sequence."},
+        {"role": "user", "content": counting()},
+    ]
+    stream = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=32,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = iter(stream)
     first = next(chunks)
     assert status(node)["model_busy"] is True
     assert first.choices[0].delta.role == "assistant" and x_cache(first)["level"] == "L3"
     rest = list(chunks)
-    text = (first.choices[0].delta.content or "") + "".join(c.choices[0].delta.content or "" for c in rest if c.choices)
-    assert rest[-1].usage is not None and rest[-1].usage.completion_tokens == x_cache(rest[-1])["timings"]["completion_tokens"]
+    text = (first.choices[0].delta.content or "") + "".join(
+        c.choices[0].delta.content or "" for c in rest if c.choices
+    )
+    assert (
+        rest[-1].usage is not None
+        and rest[-1].usage.completion_tokens == x_cache(rest[-1])["timings"]["completion_tokens"]
+    )
     assert "timings" in x_cache(rest[-2]) and rest[-2].choices[0].finish_reason is not None
     plain = client.chat.completions.create(model=model, messages=messages, max_tokens=32)
     assert x_cache(plain)["level"] == "L0" and plain.choices[0].message.content == text
@@ -141,11 +180,17 @@ def test_streamed_l3_chat_is_live_with_usage(node: NodeProcess, client: openai.O
 
 
 @pytest.mark.model
-def test_streamed_text_with_stop_strings_equals_the_cached_text(node: NodeProcess, client: openai.OpenAI) -> None:
+def test_streamed_text_with_stop_strings_equals_the_cached_text(
+    node: NodeProcess, client: openai.OpenAI
+) -> None:
     model = node.ready["model"]
     for stop in (["15,", " 2"], "4, 1"):
         prompt = counting()
-        chunks = list(client.completions.create(model=model, prompt=prompt, max_tokens=32, stop=stop, stream=True))
+        chunks = list(
+            client.completions.create(
+                model=model, prompt=prompt, max_tokens=32, stop=stop, stream=True
+            )
+        )
         streamed = "".join(c.choices[0].text for c in chunks if c.choices)
         assert x_cache(chunks[-1])["level"] == "L3"
         plain = client.completions.create(model=model, prompt=prompt, max_tokens=32, stop=stop)
@@ -156,12 +201,14 @@ def test_streamed_text_with_stop_strings_equals_the_cached_text(node: NodeProces
 def sse_events(lines: Iterator[str]) -> Iterator[dict | str]:
     for line in lines:
         if line.startswith("data: "):
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             yield data if data == "[DONE]" else json.loads(data)
 
 
 @pytest.mark.model
-def test_client_leaving_mid_stream_still_stores_and_single_flight_holds(node: NodeProcess, client: openai.OpenAI) -> None:
+def test_client_leaving_mid_stream_still_stores_and_single_flight_holds(
+    node: NodeProcess, client: openai.OpenAI
+) -> None:
     model, prompt = node.ready["model"], counting()
     body = {"model": model, "prompt": prompt, "max_tokens": 64, "stream": True}
     before = status(node)["computations"]
@@ -172,8 +219,13 @@ def test_client_leaving_mid_stream_still_stores_and_single_flight_holds(node: No
                 first = next(sse_events(r.iter_lines()))
                 assert isinstance(first, dict) and first["choices"][0]["text"]
                 # An identical request while the first one computes joins its flight.
-                joined = pool.submit(lambda: list(client.completions.create(
-                    model=model, prompt=prompt, max_tokens=64, stream=True)))
+                joined = pool.submit(
+                    lambda: list(
+                        client.completions.create(
+                            model=model, prompt=prompt, max_tokens=64, stream=True
+                        )
+                    )
+                )
             # the first client is gone (connection closed) mid-stream
         chunks = joined.result(timeout=HTTP_TIMEOUT)
     assert {x_cache(c)["level"] for c in chunks} == {"L0"}  # complete at once: sent as before
@@ -187,11 +239,18 @@ def test_client_leaving_mid_stream_still_stores_and_single_flight_holds(node: No
 
 @pytest.mark.model
 def test_sigterm_drain_waits_for_a_live_stream(tmp_path: Path) -> None:
-    n = start_node("drain", tmp_path / "drain", extra=("--n-ctx", "1024"),
-                   env={"P2PCACHE_SHUTDOWN_TIMEOUT_S": "170"})  # bounded, room for a loaded CPU
+    n = start_node(
+        "drain",
+        tmp_path / "drain",
+        extra=("--n-ctx", "1024"),
+        env={"P2PCACHE_SHUTDOWN_TIMEOUT_S": "170"},
+    )  # bounded, room for a loaded CPU
     try:
         body = {"model": n.ready["model"], "prompt": counting(), "max_tokens": 32, "stream": True}
-        with httpx.Client(timeout=HTTP_TIMEOUT) as http, http.stream("POST", n.url + "/v1/completions", json=body) as r:
+        with (
+            httpx.Client(timeout=HTTP_TIMEOUT) as http,
+            http.stream("POST", n.url + "/v1/completions", json=body) as r,
+        ):
             events = sse_events(r.iter_lines())
             first = next(events)
             assert isinstance(first, dict) and r.headers["X-Cache-Level"] == "L3"

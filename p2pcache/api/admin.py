@@ -32,25 +32,27 @@ class AdminApi:
 
     async def status(self, http: HttpRequest) -> Response:
         ctx, worker = self.ctx, self.ctx.worker
-        return FastJSON({
-            "peer_id": ctx.peer_id,
-            "model": ctx.model_id,
-            "model_hash": ctx.model_hash,
-            "model_path": str(ctx.model_path),
-            "addrs": ctx.network.addrs(),
-            "listen": list(ctx.settings.listen),
-            "bootstrap": list(ctx.bootstrap),
-            "http": list(ctx.http_urls),
-            "data_dir": str(ctx.data_dir),
-            "version": __version__,
-            "uptime_s": round(time.time() - ctx.started_at, 3),
-            "draining": ctx.draining,
-            "share_by_default": ctx.settings.share_by_default,
-            "queue_depth": worker.waiting,
-            "max_queue": worker.max_waiting,
-            "model_busy": worker.running,
-            "computations": ctx.resolver.computations,
-        })
+        return FastJSON(
+            {
+                "peer_id": ctx.peer_id,
+                "model": ctx.model_id,
+                "model_hash": ctx.model_hash,
+                "model_path": str(ctx.model_path),
+                "addrs": ctx.network.addrs(),
+                "listen": list(ctx.settings.listen),
+                "bootstrap": list(ctx.bootstrap),
+                "http": list(ctx.http_urls),
+                "data_dir": str(ctx.data_dir),
+                "version": __version__,
+                "uptime_s": round(time.time() - ctx.started_at, 3),
+                "draining": ctx.draining,
+                "share_by_default": ctx.settings.share_by_default,
+                "queue_depth": worker.waiting,
+                "max_queue": worker.max_waiting,
+                "model_busy": worker.running,
+                "computations": ctx.resolver.computations,
+            }
+        )
 
     async def cache(self, http: HttpRequest) -> Response:
         """Store counters and answers by level; ``?entries=N``: the N most recently used."""
@@ -63,6 +65,7 @@ class AdminApi:
         doc: dict[str, Any] = {**vars(s), "hit_rate": s.hit_rate, "model_hash": self.ctx.model_hash}
         doc["answers_by_level"] = self.ctx.metrics.answers_by_level()
         if n := int(raw):
+
             def recent() -> list[Entry]:
                 def used(e: Entry) -> int:
                     return max(e.inserted_at, e.last_hit_at)
@@ -122,8 +125,11 @@ class AdminApi:
         rows = ctx.network.reputation()
         scores = [(str(p.get("peer_id")), float(p.get("score", 0.0))) for p in rows]
         return {
-            "queue_depth": ctx.worker.waiting, "running": ctx.worker.running,
-            "computations": ctx.resolver.computations, "entries": s.entries, "bytes": s.bytes,
+            "queue_depth": ctx.worker.waiting,
+            "running": ctx.worker.running,
+            "computations": ctx.resolver.computations,
+            "entries": s.entries,
+            "bytes": s.bytes,
             "peers": len(ctx.network.peers()),
             "peer_scores": scores,
         }
@@ -131,7 +137,14 @@ class AdminApi:
 
 def _entry(e: Entry) -> dict[str, Any]:
     return {
-        "input_sha256": e.input_sha256, "model_hash": e.model_hash, "cache_level": e.cache_level,
-        "privacy_flag": e.privacy_flag, "hits": e.hits, "size": e.size, "producer": e.producer,
-        "inserted_at": e.inserted_at, "last_hit_at": e.last_hit_at, "text": e.output.text[:200],
+        "input_sha256": e.input_sha256,
+        "model_hash": e.model_hash,
+        "cache_level": e.cache_level,
+        "privacy_flag": e.privacy_flag,
+        "hits": e.hits,
+        "size": e.size,
+        "producer": e.producer,
+        "inserted_at": e.inserted_at,
+        "last_hit_at": e.last_hit_at,
+        "text": e.output.text[:200],
     }

@@ -50,8 +50,11 @@ def _admin_only(token: str | None, handler: Endpoint) -> Endpoint:
 
     async def endpoint(request: HttpRequest) -> ASGIApp:
         if request.headers.get("authorization") != f"Bearer {token}":
-            raise ApiError(401, "this endpoint needs 'Authorization: Bearer <admin_token>'",
-                           type="authentication_error")
+            raise ApiError(
+                401,
+                "this endpoint needs 'Authorization: Bearer <admin_token>'",
+                type="authentication_error",
+            )
         return await handler(request)
 
     return endpoint
@@ -91,11 +94,17 @@ class Observe:
             path = scope["path"]
             self.metrics.requests.labels(self._route(path), str(status)).inc()
             if log.isEnabledFor(logging.INFO):
-                log.info("request", extra=fields(
-                    method=scope["method"], path=path, status=status, cache_level=level,
-                    ms=round((time.perf_counter() - t0) * 1000, 3),
-                    client=(scope.get("client") or ("", 0))[0],
-                ))
+                log.info(
+                    "request",
+                    extra=fields(
+                        method=scope["method"],
+                        path=path,
+                        status=status,
+                        cache_level=level,
+                        ms=round((time.perf_counter() - t0) * 1000, 3),
+                        client=(scope.get("client") or ("", 0))[0],
+                    ),
+                )
 
 
 def create_app(ctx: NodeContext) -> ASGIApp:

@@ -39,10 +39,16 @@ def x_cache(a: Answer) -> Json:
     }
     if a.cache_level == "L1":  # how similar the cached prompt was and what the gate scored
         s = a.semantic
-        x["semantic"] = {} if s is None else {
-            "similarity": s.similarity, "tau": s.tau,
-            "source_input_sha256": s.source_input_sha256, "gate": s.gate,
-        }
+        x["semantic"] = (
+            {}
+            if s is None
+            else {
+                "similarity": s.similarity,
+                "tau": s.tau,
+                "source_input_sha256": s.source_input_sha256,
+                "gate": s.gate,
+            }
+        )
     if a.peer is not None:  # L2: which peer, verified, fetch and verification times
         x["peer"] = asdict(a.peer)
     if a.kv_peer is not None:  # L3 resumed from KV chunks fetched from a peer
@@ -53,7 +59,9 @@ def x_cache(a: Answer) -> Json:
 def x_cache_live(keyed: Keyed) -> Json:
     """The ``x_cache`` of a live stream's text chunks: level and key (timings come last)."""
     return {
-        "level": "L3", "input_sha256": keyed.key, "model_hash": keyed.model_hash,
+        "level": "L3",
+        "input_sha256": keyed.key,
+        "model_hash": keyed.model_hash,
         "single_flight": False,
     }
 
@@ -103,7 +111,9 @@ class CompletionBodies(Bodies):
     def answer(self, a: Answer) -> Json:
         choice = {"index": 0, "text": a.text, "logprobs": None, "finish_reason": a.finish_reason}
         return self._head("text_completion") | {
-            "choices": [choice], "usage": usage(a), "system_fingerprint": None,
+            "choices": [choice],
+            "usage": usage(a),
+            "system_fingerprint": None,
             "x_cache": x_cache(a),
         }
 
@@ -118,10 +128,15 @@ class ChatBodies(Bodies):
     def answer(self, a: Answer) -> Json:
         message = {"role": "assistant", "content": a.text, "refusal": None}
         choice = {
-            "index": 0, "message": message, "logprobs": None, "finish_reason": a.finish_reason,
+            "index": 0,
+            "message": message,
+            "logprobs": None,
+            "finish_reason": a.finish_reason,
         }
         return self._head("chat.completion") | {
-            "choices": [choice], "usage": usage(a), "system_fingerprint": None,
+            "choices": [choice],
+            "usage": usage(a),
+            "system_fingerprint": None,
             "x_cache": x_cache(a),
         }
 
@@ -131,5 +146,7 @@ class ChatBodies(Bodies):
             delta["role"] = "assistant"
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         return self._head("chat.completion.chunk") | {
-            "system_fingerprint": None, "choices": [choice], "x_cache": x,
+            "system_fingerprint": None,
+            "choices": [choice],
+            "x_cache": x,
         }

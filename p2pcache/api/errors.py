@@ -24,7 +24,10 @@ from p2pcache.errors import (
 
 
 def error_body(
-    message: str, *, type: str = "invalid_request_error", param: str | None = None,
+    message: str,
+    *,
+    type: str = "invalid_request_error",
+    param: str | None = None,
     code: str | None = None,
 ) -> dict[str, Any]:
     """OpenAI's error object (also sent as an SSE event when a live stream fails)."""
@@ -72,8 +75,14 @@ class ApiError(Exception):
     """An error response: raised by the endpoints, answered by the app's route wrapper."""
 
     def __init__(
-        self, status: int, message: str, *, type: str = "invalid_request_error",
-        param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None,
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
         refused: bool = False,
     ) -> None:
         super().__init__(message)
@@ -93,8 +102,15 @@ class ApiError(Exception):
         cause, kind = found
         message = f"{cause}; {kind.hint}" if kind.hint else str(cause)
         param = getattr(cause, "param", None) or (input_field if kind.blames_input else None)
-        return cls(kind.status, message, type=kind.type, param=param, code=kind.code,
-                   headers=dict(kind.headers), refused=isinstance(cause, Unavailable))
+        return cls(
+            kind.status,
+            message,
+            type=kind.type,
+            param=param,
+            code=kind.code,
+            headers=dict(kind.headers),
+            refused=isinstance(cause, Unavailable),
+        )
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, type=self.type, param=self.param, code=self.code)

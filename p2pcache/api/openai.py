@@ -37,15 +37,23 @@ class OpenAiApi:
     # -- endpoints ----------------------------------------------------------------------
     async def completions(self, http: HttpRequest) -> Response | LiveSSE:
         body = await self._parse(http, CompletionRequest)
-        req = Request(prompt=body.prompt_text, params=self._params(body, body.max_tokens),
-                      share=self._share(body), semantic=body.semantic)
+        req = Request(
+            prompt=body.prompt_text,
+            params=self._params(body, body.max_tokens),
+            share=self._share(body),
+            semantic=body.semantic,
+        )
         return await self._respond(req, CompletionBodies, body.stream, body.include_usage)
 
     async def chat_completions(self, http: HttpRequest) -> Response | LiveSSE:
         body = await self._parse(http, ChatCompletionRequest)
         messages = tuple(m.as_template_message() for m in body.messages)
-        req = Request(messages=messages, params=self._params(body, body.token_limit),
-                      share=self._share(body), semantic=body.semantic)
+        req = Request(
+            messages=messages,
+            params=self._params(body, body.token_limit),
+            share=self._share(body),
+            semantic=body.semantic,
+        )
         return await self._respond(req, ChatBodies, body.stream, body.include_usage)
 
     async def models(self, http: HttpRequest) -> Response:
@@ -64,14 +72,19 @@ class OpenAiApi:
             keyed = await self.ctx.resolver.keyed(req)
         if stream:  # live while an L3 answer is generated, else one event per token
             return LiveSSE(
-                bodies=bodies(self.ctx.model_id), keyed=keyed,
+                bodies=bodies(self.ctx.model_id),
+                keyed=keyed,
                 resolve=lambda on_token: self._resolve(keyed, t0, on_token),
-                detokenize=self.ctx.worker.backend.detokenize_bytes, stops=req.params.stop,
+                detokenize=self.ctx.worker.backend.detokenize_bytes,
+                run_text=self.ctx.worker.run_text,
+                stops=req.params.stop,
                 include_usage=include_usage,
             )
         answer = await self._resolve(keyed, t0)
-        return FastJSON(bodies(self.ctx.model_id).answer(answer),
-                        headers=cache_headers(answer.cache_level, answer.input_sha256))
+        return FastJSON(
+            bodies(self.ctx.model_id).answer(answer),
+            headers=cache_headers(answer.cache_level, answer.input_sha256),
+        )
 
     async def _resolve(self, keyed: Keyed, t0: float, on_token: TokenHook | None = None) -> Answer:
         """Run the ladder; ``on_token`` streams an L3 computation live."""
@@ -114,7 +127,8 @@ class OpenAiApi:
                 404,
                 f"the model {name!r} does not exist on this node; it serves {self.ctx.model_id!r} "
                 f"(GET /v1/models)",
-                param="model", code="model_not_found",
+                param="model",
+                code="model_not_found",
             )
 
     def _params(self, body: _Base, max_tokens: int | None) -> SamplingParams:
@@ -127,10 +141,16 @@ class OpenAiApi:
                 param="max_tokens",
             )
         given = {
-            k: v for k, v in {
-                "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
-                "min_p": body.min_p, "repeat_penalty": body.repeat_penalty, "seed": body.seed,
-            }.items() if v is not None
+            k: v
+            for k, v in {
+                "temperature": body.temperature,
+                "top_p": body.top_p,
+                "top_k": body.top_k,
+                "min_p": body.min_p,
+                "repeat_penalty": body.repeat_penalty,
+                "seed": body.seed,
+            }.items()
+            if v is not None
         }
         try:  # SamplingParams checks its values with ValueError (the schema already did)
             return SamplingParams(max_tokens=max_tokens, stop=body.stops(), **given)
@@ -142,8 +162,11 @@ class OpenAiApi:
 
     def _model_card(self) -> dict[str, Any]:
         return {
-            "id": self.ctx.model_id, "object": "model", "created": int(self.ctx.started_at),
-            "owned_by": "p2pcache", "x_model_hash": self.ctx.model_hash,
+            "id": self.ctx.model_id,
+            "object": "model",
+            "created": int(self.ctx.started_at),
+            "owned_by": "p2pcache",
+            "x_model_hash": self.ctx.model_hash,
             "x_context_window": self.ctx.n_ctx,
         }
 

@@ -92,7 +92,7 @@ class LiveText:
         if not new.startswith(old):  # a vocabulary whose detokenization is not piecewise
             self.stopped = True  # release nothing more; the final text is sent at the end
         before = len(self.text)
-        self.text += self._utf8.decode(new[len(old):])
+        self.text += self._utf8.decode(new[len(old) :])
         if self.stopped:
             return ""
         end = len(self.text)
@@ -105,7 +105,7 @@ class LiveText:
                 end -= self._partial_stop()
         if end <= self.released:
             return ""
-        piece = self.text[self.released:end]
+        piece = self.text[self.released : end]
         self.released = end
         return piece
 
@@ -123,7 +123,7 @@ class LiveText:
         """What is left to send of ``final`` (the answer's text), or None when the released
         text is not a prefix of it (a bug: logged by the caller)."""
         sent = self.text[: self.released]
-        return final[len(sent):] if final.startswith(sent) else None
+        return final[len(sent) :] if final.startswith(sent) else None
 
 
 def text_pieces(answer: Answer, detokenize: Detokenize, stops: Sequence[str]) -> list[str]:
@@ -170,7 +170,8 @@ class LiveSSE:
     """An ASGI response (returned by the endpoint) that resolves the request and streams it.
 
     ``resolve(on_token)`` runs the ladder; its errors are `ApiError`s (anything else is a
-    bug, re-raised). ``detokenize`` and ``stops`` turn tokens into text (`LiveText`).
+    bug, re-raised). ``detokenize`` and ``stops`` turn tokens into text (`LiveText`);
+    ``run_text`` runs that for a complete answer off the event loop (`BackendWorker.run_text`).
     """
 
     def __init__(
@@ -180,10 +181,12 @@ class LiveSSE:
         keyed: Keyed,
         resolve: Callable[[TokenHook], Awaitable[Answer]],
         detokenize: Detokenize,
+        run_text: Callable[[Callable[[], list[str]]], Awaitable[list[str]]],
         stops: Sequence[str],
         include_usage: bool,
     ) -> None:
         self.bodies, self.keyed, self.resolve = bodies, keyed, resolve
+        self.run_text = run_text
         self.detokenize, self.stops, self.include_usage = detokenize, tuple(stops), include_usage
         self.live = LiveText(detokenize, stops)
         self.gone = False  # the client disconnected
@@ -263,10 +266,12 @@ class LiveSSE:
             if first is not None:  # live: only an L3 computation calls the hook
                 nursery.start_soon(self._watch_disconnect, receive)
                 headers = cache_headers("L3", self.keyed.key) | {
-                    "Cache-Control": "no-cache", "Content-Type": "text/event-stream",
+                    "Cache-Control": "no-cache",
+                    "Content-Type": "text/event-stream",
                 }
-                raw = [(k.lower().encode("latin-1"), v.encode("latin-1"))
-                       for k, v in headers.items()]
+                raw = [
+                    (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
+                ]
                 start = {"type": "http.response.start", "status": 200, "headers": raw}
                 await self._send(send, start)
                 await self._event(send, self.bodies.chunk(first, None, x_live, first=True))
@@ -282,7 +287,8 @@ class LiveSSE:
                 await error.response()(scope, receive, send)
                 return
             assert answer is not None
-            text = text_pieces(answer, self.detokenize, self.stops)
+            done = answer
+            text = await self.run_text(lambda: text_pieces(done, self.detokenize, self.stops))
             response = complete_response(answer, self.bodies, text, self.include_usage)
             await response(scope, receive, send)
             return

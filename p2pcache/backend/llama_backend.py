@@ -156,8 +156,9 @@ class LlamaBackend:
         self.llm.n_tokens = n
         self.llm.input_ids[:n] = tokens
 
-    def prefill(self, tokens: Sequence[int], align: int | None = None,
-                on_evaluated: EvalHook | None = None) -> None:
+    def prefill(
+        self, tokens: Sequence[int], align: int | None = None, on_evaluated: EvalHook | None = None
+    ) -> None:
         """Evaluate ``tokens[n_tokens:]`` (the context must hold ``tokens[:n_tokens]``) in
         decodes that end at absolute multiples of ``align`` (default n_batch, at most
         n_batch): a resumed prefill then runs the cold run's batches, so the numerics match.
@@ -229,8 +230,13 @@ class LlamaBackend:
         return self.continue_generation(prompt, params, on_token)
 
     def continue_generation(
-        self, prompt: Sequence[int], params: SamplingParams, on_token: TokenHook | None = None,
-        *, align: int | None = None, on_evaluated: EvalHook | None = None,
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        on_token: TokenHook | None = None,
+        *,
+        align: int | None = None,
+        on_evaluated: EvalHook | None = None,
         started: float | None = None,
     ) -> Generation:
         """The decode loop of plain and KV-resumed generation: prefill what the context lacks
@@ -299,7 +305,11 @@ class LlamaBackend:
 
     # -- teacher-forced scoring (verification and quality gates) --------------------------
     def score(
-        self, prompt: Sequence[int], completion: Sequence[int], top_k: int = 0, chunk: int = 64,
+        self,
+        prompt: Sequence[int],
+        completion: Sequence[int],
+        top_k: int = 0,
+        chunk: int = 64,
         merged: bool = False,
     ) -> Score:
         """One teacher-forced prefill of ``prompt + completion``: per completion token its
@@ -347,7 +357,9 @@ class LlamaBackend:
                 part_val = np.take_along_axis(block, part_idx, axis=1)
                 order = np.argsort(-part_val, axis=1)
                 top_ids.extend(np.take_along_axis(part_idx, order, axis=1).tolist())
-                top_lps.extend((np.take_along_axis(part_val, order, axis=1) - lse[:, None]).tolist())
+                top_lps.extend(
+                    (np.take_along_axis(part_val, order, axis=1) - lse[:, None]).tolist()
+                )
 
         self._teacher_forced(prompt, completion, step, reduce, merged=merged)
         return Score(
@@ -362,8 +374,12 @@ class LlamaBackend:
         )
 
     def check(
-        self, prompt: Sequence[int], completion: Sequence[int], top_k: int = 0,
-        logprob_floor: float | None = None, chunk: int = 128,
+        self,
+        prompt: Sequence[int],
+        completion: Sequence[int],
+        top_k: int = 0,
+        logprob_floor: float | None = None,
+        chunk: int = 128,
     ) -> TokenChecks:
         """What verification asks of the teacher-forced prefill `score` runs: per completion
         token the argmax and the logit gap (as `score` computes them), with ``top_k`` > 0 its
@@ -376,17 +392,24 @@ class LlamaBackend:
         tokens took ~0.93 s here against ~1.0 s in `score`'s prompt-then-64-row batches."""
         completion = list(completion)
         t0 = time.perf_counter()
-        reducer = CheckReducer(completion, self.llm.n_vocab(), top_k=top_k, logprob_floor=logprob_floor)
-        self._teacher_forced(prompt, completion, max(1, min(chunk, self.config.n_batch)), reducer,
-                             merged=True)
+        reducer = CheckReducer(
+            completion, self.llm.n_vocab(), top_k=top_k, logprob_floor=logprob_floor
+        )
+        self._teacher_forced(
+            prompt, completion, max(1, min(chunk, self.config.n_batch)), reducer, merged=True
+        )
         out = reducer.result()
         out.prompt_tokens = len(prompt)
         out.ms = (time.perf_counter() - t0) * 1000
         return out
 
     def _teacher_forced(
-        self, prompt: Sequence[int], completion: list[int], step: int,
-        reduce: Callable[[Any, int], None], merged: bool = False,
+        self,
+        prompt: Sequence[int],
+        completion: list[int],
+        step: int,
+        reduce: Callable[[Any, int], None],
+        merged: bool = False,
     ) -> None:
         """Prefill ``prompt + completion[:-1]`` from an empty KV cache, handing each block of
         logit rows (a view of llama.cpp's buffer, valid until the next decode) to
@@ -423,7 +446,10 @@ class LlamaBackend:
                 llm.n_tokens = end
                 if end > first:
                     at = max(pos, first)
-                    reduce(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(end - at, n_vocab)), at - first)
+                    reduce(
+                        np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(end - at, n_vocab)),
+                        at - first,
+                    )
                 pos = end
             return
         llm.eval(prompt)  # logits of the last prompt token only: they predict completion[0]

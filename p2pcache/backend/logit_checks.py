@@ -58,8 +58,9 @@ class CheckReducer:
     Call it with each block, in any order, as ``reducer(block, first_position)``; the block may
     be a view of llama.cpp's logits buffer (it is only read, never kept)."""
 
-    def __init__(self, tokens: Any, n_vocab: int, top_k: int = 0,
-                 logprob_floor: float | None = None) -> None:
+    def __init__(
+        self, tokens: Any, n_vocab: int, top_k: int = 0, logprob_floor: float | None = None
+    ) -> None:
         self.tokens = np.asarray(tokens, dtype=np.int64)
         n = len(self.tokens)
         self.n_vocab = n_vocab
@@ -74,7 +75,9 @@ class CheckReducer:
         self._row: np.ndarray | None = None  # one row of float32, reused
         # Log-prob intervals: decided without the log-sum-exp outside this range of gaps.
         if logprob_floor is not None:
-            self._sure_above = -logprob_floor - math.log(n_vocab) - _BOUND_EPS  # gap <= this: lp >= floor
+            self._sure_above = (
+                -logprob_floor - math.log(n_vocab) - _BOUND_EPS
+            )  # gap <= this: lp >= floor
             self._sure_below = -logprob_floor + _BOUND_EPS  # gap > this: lp < floor
 
     def __call__(self, block: np.ndarray, at: int) -> None:
@@ -100,8 +103,10 @@ class CheckReducer:
             g = gaps.astype(np.float64)
             self.below[at : at + k] = g > self._sure_below
             for i in np.flatnonzero((g > self._sure_above) & (g <= self._sure_below)):
-                self.below[at + i] = self._exact_logprob(block[i : i + 1], mx[i : i + 1],
-                                                         chosen[i : i + 1]) < self.floor
+                self.below[at + i] = (
+                    self._exact_logprob(block[i : i + 1], mx[i : i + 1], chosen[i : i + 1])
+                    < self.floor
+                )
                 self.exact_rows += 1
 
     def _exact_logprob(self, row: np.ndarray, mx: np.ndarray, chosen: np.ndarray) -> float:

@@ -47,7 +47,9 @@ def default_model_path(progress: ProgressFn | None = None) -> Path:
                         if progress is not None:
                             progress(done, total)
         if digest.hexdigest() != pkg.EXPECTED_SHA256:
-            raise ModelNotFound("assembled default model has the wrong sha256; reinstall the package")
+            raise ModelNotFound(
+                "assembled default model has the wrong sha256; reinstall the package"
+            )
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

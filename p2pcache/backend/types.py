@@ -77,4 +77,4 @@ class Score:
         """Fraction of positions where the completion's token is the local argmax."""
         if not self.tokens:
             return 1.0
-        return sum(a == t for a, t in zip(self.argmax, self.tokens)) / len(self.tokens)
+        return sum(a == t for a, t in zip(self.argmax, self.tokens, strict=True)) / len(self.tokens)

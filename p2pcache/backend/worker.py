@@ -28,6 +28,9 @@ class BackendWorker:
     ) -> None:
         self.backend = backend
         self._limiter = trio.CapacityLimiter(1)  # one llama context, one caller
+        # Text <-> tokens reads only the model's vocabulary, never the context: it runs on
+        # threads of its own, beside a model call, so a cache hit never waits for a generation.
+        self._text_limiter = trio.CapacityLimiter(2)
         self.waiting = 0  # calls queued behind the running one (queue depth)
         self.max_waiting = max_waiting  # None: unbounded
         self.max_wait_s = max_wait_s  # None: wait as long as it takes
@@ -41,16 +44,18 @@ class BackendWorker:
         for scope in self._wait_scopes:
             scope.cancel()
 
-    async def _acquire(self, bounded: bool = True) -> None:
+    async def _acquire(self) -> None:
         if self._closing:
             raise ShuttingDown("the node is shutting down")
-        if bounded and self.max_waiting is not None and self.waiting >= self.max_waiting and (
-            self.running or self.waiting
+        if (
+            self.max_waiting is not None
+            and self.waiting >= self.max_waiting
+            and (self.running or self.waiting)
         ):
             raise QueueFull(f"the model queue is full ({self.waiting} requests waiting)")
         self.waiting += 1
         scope = trio.CancelScope()
-        if bounded and self.max_wait_s is not None:
+        if self.max_wait_s is not None:
             scope.deadline = trio.current_time() + self.max_wait_s
         self._wait_scopes.add(scope)
         try:
@@ -64,11 +69,9 @@ class BackendWorker:
                 raise ShuttingDown("the node is shutting down")
             raise QueueTimeout(f"waited more than {self.max_wait_s:g} s for the model")
 
-    async def run(self, fn: Callable[[], T], *, bounded: bool = True) -> T:
-        """``fn()`` on the worker thread. ``bounded=False``: a short call every request makes
-        (tokenizing) waits like any call and fails on shutdown, but is never refused for a full
-        queue or a long wait: a cache hit is not turned away because the model is busy."""
-        await self._acquire(bounded)
+    async def run(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on the worker thread, after the calls queued before it."""
+        await self._acquire()
         self.running = True
         try:
             # Not abandoned on cancel: the thread owns the llama context until it returns.
@@ -77,11 +80,21 @@ class BackendWorker:
             self.running = False
             self._limiter.release()
 
+    async def run_text(self, fn: Callable[[], T]) -> T:
+        """``fn()`` that only tokenizes or detokenizes (`LlamaBackend.tokenize`, `chat_tokens`,
+        `detokenize`), off the event loop but not in the model's queue: llama.cpp's tokenizer
+        reads the vocabulary only, so it is safe beside a running decode."""
+        if self._closing:
+            raise ShuttingDown("the node is shutting down")
+        return await trio.to_thread.run_sync(fn, limiter=self._text_limiter)
+
     async def generate(
         self, tokens: Sequence[int], params: SamplingParams, on_token: TokenHook | None = None
     ) -> Generation:
         return await self.run(lambda: self.backend.generate(tokens, params, on_token))
 
-    async def score(self, prompt: Sequence[int], completion: Sequence[int], top_k: int = 0) -> Score:
+    async def score(
+        self, prompt: Sequence[int], completion: Sequence[int], top_k: int = 0
+    ) -> Score:
         """`LlamaBackend.score` on the worker thread (teacher-forced log-probs)."""
         return await self.run(lambda: self.backend.score(prompt, completion, top_k=top_k))

@@ -41,10 +41,12 @@ def stats(
     data_dir: DataDirOpt = None,
     json: JsonOpt = False,
     url: Annotated[
-        Optional[str], typer.Option("--url", help="Ask the running node at this URL (/admin/cache) instead.")
+        Optional[str],
+        typer.Option("--url", help="Ask the running node at this URL (/admin/cache) instead."),
     ] = None,
     admin_token: Annotated[
-        Optional[str], typer.Option(envvar="P2PCACHE_ADMIN_TOKEN", help="The running node's admin token.")
+        Optional[str],
+        typer.Option(envvar="P2PCACHE_ADMIN_TOKEN", help="The running node's admin token."),
     ] = None,
 ) -> None:
     """Entry count, bytes, hit rate, evictions and corruption counters."""
@@ -56,8 +58,12 @@ def stats(
     with _open(data_dir) as store:
         s = store.stats()
         kv = KvChunkStore(store).stats()
-    kv_doc = {**asdict(kv), "dedup_ratio": kv.dedup_ratio, "prefix_hit_rate": kv.prefix_hit_rate,
-              "token_hit_rate": kv.token_hit_rate}
+    kv_doc = {
+        **asdict(kv),
+        "dedup_ratio": kv.dedup_ratio,
+        "prefix_hit_rate": kv.prefix_hit_rate,
+        "token_hit_rate": kv.token_hit_rate,
+    }
     if json:
         print_json({**asdict(s), "hit_rate": s.hit_rate, "kv": kv_doc})
         return
@@ -73,9 +79,12 @@ def stats(
         ("KV chunks", f"{kv.chunks:,}"),
         ("KV bytes", f"{_human(kv.bytes)} of {_human(kv.size_cap)} cap"),
         ("KV dedup ratio", f"{kv.dedup_ratio:.2f}x ({_human(kv.logical_bytes)} offered)"),
-        ("KV prefix hit rate", f"{kv.lookup_hits:,} / {kv.lookups:,} requests ({kv.prefix_hit_rate:.1%}); "
-                               f"{kv.restored_tokens:,} / {kv.lookup_tokens:,} prompt tokens restored "
-                               f"({kv.token_hit_rate:.1%})"),
+        (
+            "KV prefix hit rate",
+            f"{kv.lookup_hits:,} / {kv.lookups:,} requests ({kv.prefix_hit_rate:.1%}); "
+            f"{kv.restored_tokens:,} / {kv.lookup_tokens:,} prompt tokens restored "
+            f"({kv.token_hit_rate:.1%})",
+        ),
         ("KV corrupt chunks dropped", f"{kv.corrupt_dropped:,}"),
     ]
     for k, v in rows:
@@ -111,8 +120,13 @@ def list_entries(
     for e in entries:
         text = e.output.text.replace("\n", " ")
         table.add_row(
-            e.input_sha256[:12], e.cache_level, e.model_hash[:8], "yes" if e.privacy_flag else "no",
-            str(e.hits), _human(e.size), _when(max(e.inserted_at, e.last_hit_at)),
+            e.input_sha256[:12],
+            e.cache_level,
+            e.model_hash[:8],
+            "yes" if e.privacy_flag else "no",
+            str(e.hits),
+            _human(e.size),
+            _when(max(e.inserted_at, e.last_hit_at)),
             text[:60] + ("…" if len(text) > 60 else ""),
         )
     out_console.print(table)
@@ -156,7 +170,9 @@ def verify(data_dir: DataDirOpt = None, json: JsonOpt = False) -> None:
 
 @app.command()
 def similar(
-    prompt: Annotated[str, typer.Argument(help="Text to look up (a completion prompt, or a chat user message).")],
+    prompt: Annotated[
+        str, typer.Argument(help="Text to look up (a completion prompt, or a chat user message).")
+    ],
     data_dir: DataDirOpt = None,
     json: JsonOpt = False,
     k: Annotated[int, typer.Option("-k", min=1, help="How many neighbours to show.")] = 5,
@@ -175,8 +191,12 @@ def similar(
         except EmbedderUnavailable as exc:
             raise fail(str(exc)) from None
         directory = dd.root / "semantic"
-        models = [model_hash] if model_hash else sorted(
-            {p.stem for p in directory.glob("*.faiss")} if directory.exists() else set()
+        models = (
+            [model_hash]
+            if model_hash
+            else sorted(
+                {p.stem for p in directory.glob("*.faiss")} if directory.exists() else set()
+            )
         )
         vec = embedder.embed_one(prompt)
         similarity = phrase_similarity(embedder)
@@ -187,12 +207,19 @@ def similar(
                 entry = store.get(rec.input_sha256)
                 if entry is None:
                     continue
-                hits.append({
-                    "similarity": sim, "input_sha256": rec.input_sha256, "model_hash": mh,
-                    "faiss_id": rec.faiss_id, "prompt": rec.text, "answer": entry.output.text,
-                    "hits": entry.hits, "lexical": lexical_reject(prompt, rec.text, similarity) or "ok",
-                    "base_logprob": rec.base_logprob,
-                })
+                hits.append(
+                    {
+                        "similarity": sim,
+                        "input_sha256": rec.input_sha256,
+                        "model_hash": mh,
+                        "faiss_id": rec.faiss_id,
+                        "prompt": rec.text,
+                        "answer": entry.output.text,
+                        "hits": entry.hits,
+                        "lexical": lexical_reject(prompt, rec.text, similarity) or "ok",
+                        "base_logprob": rec.base_logprob,
+                    }
+                )
             index.close()
     hits = sorted(hits, key=lambda h: -h["similarity"])[:k]
     if json:
@@ -202,6 +229,11 @@ def similar(
     for col in ("similarity", "key", "prompt", "answer", "lexical check"):
         table.add_column(col, overflow="fold")
     for h in hits:
-        table.add_row(f"{h['similarity']:.3f}", h["input_sha256"][:12], h["prompt"][:60],
-                      h["answer"].replace("\n", " ")[:50], h["lexical"])
+        table.add_row(
+            f"{h['similarity']:.3f}",
+            h["input_sha256"][:12],
+            h["prompt"][:60],
+            h["answer"].replace("\n", " ")[:50],
+            h["lexical"],
+        )
     out_console.print(table)

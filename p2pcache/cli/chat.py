@@ -27,7 +27,8 @@ from p2pcache.resolver import Answer, Request
 def _turn_summary(a: Answer) -> str:
     t = a.timings
     return (
-        f"{a.cache_level} · {t.prompt_tokens} prompt tokens ({t.cached_prompt_tokens} restored from "
+        f"{a.cache_level} · {t.prompt_tokens} prompt tokens "
+        f"({t.cached_prompt_tokens} restored from "
         f"stored KV) · prefill {t.prefill_ms:.0f} ms · decode {t.decode_ms:.0f} ms"
     )
 
@@ -42,7 +43,9 @@ def chat(
     seed: Annotated[int, typer.Option(min=0)] = 0,
     share: Annotated[bool, typer.Option("--share/--private")] = False,
     n_ctx: Annotated[int, typer.Option("--n-ctx", min=256)] = NodeOptions.n_ctx,
-    kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16, q8_0, q4_0.")] = NodeOptions.kv_type,
+    kv_type: Annotated[
+        str, typer.Option("--kv-type", help="KV cache type: f16, q8_0, q4_0.")
+    ] = NodeOptions.kv_type,
     data_dir: DataDirOpt = None,
     json: JsonOpt = False,
 ) -> None:
@@ -68,7 +71,9 @@ def chat(
                 continue
             messages.append({"role": "user", "content": text})
             try:
-                answer = trio.run(node.resolve, Request(messages=tuple(messages), params=params, share=share))
+                answer = trio.run(
+                    node.resolve, Request(messages=tuple(messages), params=params, share=share)
+                )
             except (PromptTooLong, ValueError) as exc:
                 raise fail(str(exc)) from None
             messages.append({"role": "assistant", "content": answer.text})

@@ -18,9 +18,22 @@ LEVEL_STYLE = {"L0": "green", "L1": "cyan", "L2": "magenta", "L3": "yellow"}
 LEVEL_NOTE = {"L0": "local cache", "L1": "similar prompt", "L2": "from a peer", "L3": "computed"}
 
 
-def _ask(client: Any, url: str, model: str, prompt: str, max_tokens: int, chat: bool = False,
-         stream: bool = False, stop: list[str] | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "share": True, "stream": stream}
+def _ask(
+    client: Any,
+    url: str,
+    model: str,
+    prompt: str,
+    max_tokens: int,
+    chat: bool = False,
+    stream: bool = False,
+    stop: list[str] | None = None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "share": True,
+        "stream": stream,
+    }
     if stop:
         body["stop"] = stop
     if chat:
@@ -52,14 +65,32 @@ def _ask(client: Any, url: str, model: str, prompt: str, max_tokens: int, chat: 
             x = chunk["x_cache"]
             for c in chunk["choices"]:
                 parts.append((c.get("delta") or {}).get("content") or c.get("text") or "")
-    return {"level": x["level"] if x else "?", "ms": (time.perf_counter() - t0) * 1000, "text": "".join(parts), "x": x}
+    return {
+        "level": x["level"] if x else "?",
+        "ms": (time.perf_counter() - t0) * 1000,
+        "text": "".join(parts),
+        "x": x,
+    }
 
 
 def demo(
-    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Keep the nodes' data here (DIR/node-1 ...); default: a fresh temporary dir, deleted afterwards.")] = None,
-    nodes: Annotated[int, typer.Option("--nodes", min=2, max=8, help="How many local nodes to start.")] = 3,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, max=256, help="Tokens per answer at most.")] = 24,
-    timeout: Annotated[float, typer.Option("--timeout", min=10, help="Give up after this many seconds in all.")] = 600.0,
+    data_dir: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--data-dir",
+            help="Keep the nodes' data here (DIR/node-1 ...); "
+            "default: a fresh temporary dir, deleted afterwards.",
+        ),
+    ] = None,
+    nodes: Annotated[
+        int, typer.Option("--nodes", min=2, max=8, help="How many local nodes to start.")
+    ] = 3,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", "-n", min=1, max=256, help="Tokens per answer at most.")
+    ] = 24,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=10, help="Give up after this many seconds in all.")
+    ] = 600.0,
 ) -> None:
     """Start local nodes, send a short workload, and print where each answer came from.
 
@@ -88,11 +119,19 @@ def demo(
             procs.append(first)
             wait_ready(first, timeout=max(1.0, deadline - time.monotonic()))
             for i in range(2, nodes + 1):
-                procs.append(start_node(f"node-{i}", root / f"node-{i}", wait=False,
-                                        extra=("--bootstrap-http", first.url, "--log-level", "warning")))
+                procs.append(
+                    start_node(
+                        f"node-{i}",
+                        root / f"node-{i}",
+                        wait=False,
+                        extra=("--bootstrap-http", first.url, "--log-level", "warning"),
+                    )
+                )
             for p in procs[1:]:
                 wait_ready(p, timeout=max(1.0, deadline - time.monotonic()))
-        out_console.print(f"{nodes} nodes ready in {time.perf_counter() - t0:.1f} s (data in {root}):")
+        out_console.print(
+            f"{nodes} nodes ready in {time.perf_counter() - t0:.1f} s (data in {root}):"
+        )
         for p in procs:
             out_console.print(f"  {p.name}  {p.url}  peer {p.peer_id[:16]}…  pid {p.proc.pid}")
         model = procs[0].ready["model"]
@@ -108,31 +147,52 @@ def demo(
         line = ["\n"]  # Q1 and Q2 answer in one line
         per_request_timeout = httpx.Timeout(max(5.0, min(300.0, deadline - time.monotonic())))
         with httpx.Client(timeout=per_request_timeout) as client:
+
             def step(node: Any, what: str, prompt: str, **kw: Any) -> None:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the demo ran past --timeout {timeout:.0f} s")
                 with err_console.status(f"{node.name}: {what} …"):
-                    rows.append((node.name, what, prompt, _ask(client, node.url, model, prompt, max_tokens, **kw)))
+                    rows.append(
+                        (
+                            node.name,
+                            what,
+                            prompt,
+                            _ask(client, node.url, model, prompt, max_tokens, **kw),
+                        )
+                    )
 
             step(n1, "Q1", q1, stop=line)
             step(n1, "Q1 again", q1, stop=line)
             if networked:  # wait (bounded) until node-1's advert for Q1 has reached node-2
                 key = rows[0][3]["x"]["input_sha256"]
-                with err_console.status(f"{n2.name}: waiting for {n1.name}'s advertisement of Q1 …"):
+                with err_console.status(
+                    f"{n2.name}: waiting for {n1.name}'s advertisement of Q1 …"
+                ):
                     wait_s = max(0.0, min(30.0, deadline - time.monotonic()))
-                    r = client.get(f"{n2.url}/admin/providers", params={"key": key, "wait_s": wait_s},
-                                   timeout=wait_s + 10)
+                    r = client.get(
+                        f"{n2.url}/admin/providers",
+                        params={"key": key, "wait_s": wait_s},
+                        timeout=wait_s + 10,
+                    )
                     heard = r.status_code == 200 and n1.peer_id in r.json().get("providers", [])
                 if not heard:
-                    err_console.print(f"[yellow]{n2.name} has not heard of Q1 from {n1.name} yet; it may compute it.[/]")
+                    err_console.print(
+                        f"[yellow]{n2.name} has not heard of Q1 from {n1.name} yet; "
+                        "it may compute it.[/]"
+                    )
             step(n2, "Q1 (other node)", q1, stop=line)
             step(n2, "Q3", q3)
             step(n2, "Q3 again", q3)
             k = 8
             with err_console.status(f"{n3.name}: {k} identical requests at once …"):
                 with ThreadPoolExecutor(k) as pool:
-                    futures = [pool.submit(_ask, client, n3.url, model, q2, max_tokens, stop=line) for _ in range(k)]
-                    results = [f.result(timeout=max(1.0, deadline - time.monotonic())) for f in futures]
+                    futures = [
+                        pool.submit(_ask, client, n3.url, model, q2, max_tokens, stop=line)
+                        for _ in range(k)
+                    ]
+                    results = [
+                        f.result(timeout=max(1.0, deadline - time.monotonic())) for f in futures
+                    ]
             for i, r in enumerate(results):
                 rows.append((n3.name, f"Q2 at once {i + 1}/{k}", q2, r))
             step(n3, "Q2 streamed", q2, stream=True, stop=line)
@@ -140,9 +200,21 @@ def demo(
         for name, q in (("Q1", q1), ("Q2", q2), ("Q3", q3)):
             out_console.print(f"{name}: {' / '.join(q.splitlines())}")
         table = Table(title="Where each answer came from")
-        for col, just in (("#", "right"), ("node", "left"), ("request", "left"), ("level", "left"),
-                          ("ms", "right"), ("tokens", "right"), ("answer", "left")):
-            table.add_column(col, justify=just, no_wrap=col != "answer", overflow="fold" if col == "answer" else "ellipsis")
+        for col, just in (
+            ("#", "right"),
+            ("node", "left"),
+            ("request", "left"),
+            ("level", "left"),
+            ("ms", "right"),
+            ("tokens", "right"),
+            ("answer", "left"),
+        ):
+            table.add_column(
+                col,
+                justify=just,
+                no_wrap=col != "answer",
+                overflow="fold" if col == "answer" else "ellipsis",
+            )
         for i, (node, what, _prompt, r) in enumerate(rows, 1):
             lvl = r["level"]
             note = LEVEL_NOTE.get(lvl, "")
@@ -150,27 +222,43 @@ def demo(
                 note = "single-flight"
             text = " ".join(r["text"].split())
             table.add_row(
-                str(i), node, what, f"[{LEVEL_STYLE.get(lvl, 'white')}]{lvl}[/] {note}",
-                f"{r['ms']:.1f}", str(r["x"]["timings"]["completion_tokens"] if r["x"] else "?"),
+                str(i),
+                node,
+                what,
+                f"[{LEVEL_STYLE.get(lvl, 'white')}]{lvl}[/] {note}",
+                f"{r['ms']:.1f}",
+                str(r["x"]["timings"]["completion_tokens"] if r["x"] else "?"),
                 text[:40] + ("…" if len(text) > 40 else ""),
             )
         out_console.print(table)
         computed = sum(1 for *_, r in rows if r["level"] == "L3")
-        l0 = [r["ms"] for *_, r in rows if r["level"] == "L0" and not (r["x"] or {}).get("single_flight")]
+        l0 = [
+            r["ms"]
+            for *_, r in rows
+            if r["level"] == "L0" and not (r["x"] or {}).get("single_flight")
+        ]
         l3 = [r["ms"] for *_, r in rows if r["level"] == "L3"]
         out_console.print(
             f"{len(rows)} answers, {computed} computed by a model (L3); "
-            + (f"L0 hits took {min(l0):.1f}-{max(l0):.1f} ms, L3 answers {min(l3):.0f}-{max(l3):.0f} ms." if l0 and l3 else "")
+            + (
+                f"L0 hits took {min(l0):.1f}-{max(l0):.1f} ms, "
+                f"L3 answers {min(l3):.0f}-{max(l3):.0f} ms."
+                if l0 and l3
+                else ""
+            )
         )
         q1_other = next((r for node, what, _p, r in rows if what == "Q1 (other node)"), None)
         if networked and q1_other is not None and q1_other["level"] == "L3":
             out_console.print(
-                f"[dim]{n2.name} computed Q1 itself (L3): for an answer this short its cost model found "
-                f"computing cheaper than fetching and verifying {n1.name}'s (try a larger --max-tokens).[/]"
+                f"[dim]{n2.name} computed Q1 itself (L3): for an answer this short its cost model "
+                f"found "
+                f"computing cheaper than fetching and verifying {n1.name}'s "
+                f"(try a larger --max-tokens).[/]"
             )
         if not networked:
             out_console.print(
-                "[dim]These nodes run without the network layer (no p2p addresses), so node-2 computed "
+                "[dim]These nodes run without the network layer (no p2p addresses), "
+                "so node-2 computed "
                 "node-1's question itself (L3); with it, that answer comes from the peer (L2).[/]"
             )
     except (NodeStartError, RuntimeError, TimeoutError, httpx.HTTPError) as exc:

@@ -39,12 +39,18 @@ app.command(name="reputation")(net.reputation)
 
 ModelOpt = Annotated[
     Optional[Path],
-    typer.Option("--model", envvar="P2PCACHE_MODEL", help="GGUF model file (default: the embedded Gemma 3 270M Q4_K_M)."),
+    typer.Option(
+        "--model",
+        envvar="P2PCACHE_MODEL",
+        help="GGUF model file (default: the embedded Gemma 3 270M Q4_K_M).",
+    ),
 ]
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs on stderr.")] = False) -> None:
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs on stderr.")] = False,
+) -> None:
     setup_logging(verbose)
 
 
@@ -71,33 +77,55 @@ def _summary(a: Answer) -> str:
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt (a user message with --chat).")],
     model: ModelOpt = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens to generate at most.")] = 128,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 = greedy.")] = 0.0,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", "-n", min=1, help="Tokens to generate at most.")
+    ] = 128,
+    temperature: Annotated[
+        float, typer.Option("--temperature", "-t", min=0.0, help="0 = greedy.")
+    ] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.95,
     top_k: Annotated[int, typer.Option(min=0)] = 40,
     min_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.05,
     repeat_penalty: Annotated[float, typer.Option(min=0.0)] = 1.0,
     seed: Annotated[int, typer.Option(min=0, help="Seed for sampled output (reproducible).")] = 0,
-    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")] = None,
+    stop: Annotated[
+        Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")
+    ] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Apply the model's chat template.")] = False,
     system: Annotated[Optional[str], typer.Option(help="System message (with --chat).")] = None,
     share: Annotated[
-        bool, typer.Option("--share/--private", help="Let peers have this entry (default: private).")
+        bool,
+        typer.Option("--share/--private", help="Let peers have this entry (default: private)."),
     ] = False,
     semantic: Annotated[
-        bool, typer.Option("--semantic", help="Allow L1: reuse a paraphrase's answer if the quality gate agrees.")
+        bool,
+        typer.Option(
+            "--semantic", help="Allow L1: reuse a paraphrase's answer if the quality gate agrees."
+        ),
     ] = False,
-    tau: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="L1 similarity threshold.")] = None,
-    n_ctx: Annotated[int, typer.Option("--n-ctx", min=256, help="Context window in tokens.")] = NodeOptions.n_ctx,
-    kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16, q8_0, q4_0 (part of kv_config).")] = NodeOptions.kv_type,
+    tau: Annotated[
+        Optional[float], typer.Option(min=0.0, max=1.0, help="L1 similarity threshold.")
+    ] = None,
+    n_ctx: Annotated[
+        int, typer.Option("--n-ctx", min=256, help="Context window in tokens.")
+    ] = NodeOptions.n_ctx,
+    kv_type: Annotated[
+        str, typer.Option("--kv-type", help="KV cache type: f16, q8_0, q4_0 (part of kv_config).")
+    ] = NodeOptions.kv_type,
     data_dir: DataDirOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Answer PROMPT from the cache if any level has it, else run the model and store it."""
     try:
         params = SamplingParams(
-            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-            repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens, stop=tuple(stop or ()),
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            seed=seed,
+            max_tokens=max_tokens,
+            stop=tuple(stop or ()),
         )
     except ValueError as exc:
         raise fail(str(exc)) from None
@@ -113,7 +141,17 @@ def generate(
 
     try:
         with progress_bars(err_console) as progress, err_console.status("Loading model…"):
-            node = LocalNode.open(NodeOptions(data_dir=data_dir, model=model, n_ctx=n_ctx, semantic=semantic, semantic_tau=tau, kv_type=kv_type), progress)
+            node = LocalNode.open(
+                NodeOptions(
+                    data_dir=data_dir,
+                    model=model,
+                    n_ctx=n_ctx,
+                    semantic=semantic,
+                    semantic_tau=tau,
+                    kv_type=kv_type,
+                ),
+                progress,
+            )
     except (ModelNotFound, ValueError) as exc:
         raise fail(str(exc)) from None
     with node:

@@ -51,10 +51,14 @@ class KvConfig:
 
 
 def chain_root(config: KvConfig) -> bytes:
-    return hashlib.sha256(b"p2pcache/kv/1" + bytes.fromhex(config.model_hash) + config.encode()).digest()
+    return hashlib.sha256(
+        b"p2pcache/kv/1" + bytes.fromhex(config.model_hash) + config.encode()
+    ).digest()
 
 
-def chunk_hashes(config: KvConfig, tokens: Sequence[int], n_chunks: int | None = None) -> list[bytes]:
+def chunk_hashes(
+    config: KvConfig, tokens: Sequence[int], n_chunks: int | None = None
+) -> list[bytes]:
     """Hashes of the full chunks of ``tokens`` (at most ``n_chunks``)."""
     c = config.chunk_tokens
     n = len(tokens) // c if n_chunks is None else min(n_chunks, len(tokens) // c)

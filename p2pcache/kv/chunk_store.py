@@ -45,8 +45,16 @@ _HEAD = struct.Struct("<B16sI")
 _USE = struct.Struct("<QI")  # last use (ms), depth in the chain
 
 COUNTERS = (
-    "chunks", "bytes", "chunk_puts", "logical_bytes", "evictions", "corrupt_dropped",
-    "lookups", "lookup_hits", "lookup_tokens", "restored_tokens",
+    "chunks",
+    "bytes",
+    "chunk_puts",
+    "logical_bytes",
+    "evictions",
+    "corrupt_dropped",
+    "lookups",
+    "lookup_hits",
+    "lookup_tokens",
+    "restored_tokens",
 )
 SCHEMA = Schema("kv", ("kv_chunks", "kv_use", "kv_meta", "kv_shared"))
 
@@ -168,7 +176,8 @@ class KvChunkStore:
                     payload = unframe(h, raw)
                     if len(payload) != expected_bytes:
                         raise CorruptChunk(
-                            f"{len(payload)} payload bytes, expected {expected_bytes}")
+                            f"{len(payload)} payload bytes, expected {expected_bytes}"
+                        )
                 except CorruptChunk as exc:
                     bad.append((h, str(exc)))
                     break

@@ -94,7 +94,13 @@ class KvPrefixCache:
     """KV prefix reuse for one backend. ``enabled`` is False when the model's state layout
     is not one we can cut (then `generate` is plain cold generation)."""
 
-    def __init__(self, backend: LlamaBackend, chunks: KvChunkStore, model_hash: str, policy: KvPolicy = KvPolicy()) -> None:
+    def __init__(
+        self,
+        backend: LlamaBackend,
+        chunks: KvChunkStore,
+        model_hash: str,
+        policy: KvPolicy = KvPolicy(),
+    ) -> None:
         self.backend = backend
         self.chunks = chunks
         self.policy = policy
@@ -144,7 +150,9 @@ class KvPrefixCache:
         backend.clear_memory()
         want = 2 if self.n_swa > 0 else 1
         if len(sections) != want:
-            raise StateFormatError(f"{len(sections)} KV caches for n_swa={self.n_swa} (expected {want})")
+            raise StateFormatError(
+                f"{len(sections)} KV caches for n_swa={self.n_swa} (expected {want})"
+            )
         return layout
 
     # -- restore -------------------------------------------------------------------------
@@ -182,7 +190,12 @@ class KvPrefixCache:
                 if zeros:
                     ks.insert(0, self._zero_rows(zeros, layer.k_row))
                     if sec.v_trans:
-                        vs.insert(0, self._zero_rows(zeros, layer.v_row).reshape(layer.v_row // layer.v_el, zeros, layer.v_el))
+                        vs.insert(
+                            0,
+                            self._zero_rows(zeros, layer.v_row).reshape(
+                                layer.v_row // layer.v_el, zeros, layer.v_el
+                            ),
+                        )
                     else:
                         vs.insert(0, self._zero_rows(zeros, layer.v_row))
                 sec_rows.append((ks, vs))
@@ -232,7 +245,9 @@ class KvPrefixCache:
         _, (sec,) = parse_state(self.backend.read_state(self.buf, swa_only=True), n_sections=1)
         self._take_rows(sec, todo, got)
 
-    def _take_rows(self, sec: Section, todo: list[int], got: dict[int, list[tuple[bytes, bytes]]]) -> None:
+    def _take_rows(
+        self, sec: Section, todo: list[int], got: dict[int, list[tuple[bytes, bytes]]]
+    ) -> None:
         c = self.policy.chunk_tokens
         if not len(sec.positions):
             return
@@ -243,11 +258,17 @@ class KvPrefixCache:
         for i in todo:
             a, b = i * c, (i + 1) * c
             if a >= lo and b <= hi:
-                got[i] = [(k[a - lo : b - lo].tobytes(), v_cells(v_trans, v, a - lo, b - lo).tobytes())
-                          for k, v in zip(sec.k, sec.v)]
+                got[i] = [
+                    (k[a - lo : b - lo].tobytes(), v_cells(v_trans, v, a - lo, b - lo).tobytes())
+                    for k, v in zip(sec.k, sec.v, strict=True)
+                ]
 
     def _collect(
-        self, tokens: list[int], used_at: int, swa_rows: dict[int, list[tuple[bytes, bytes]]], want: set[int]
+        self,
+        tokens: list[int],
+        used_at: int,
+        swa_rows: dict[int, list[tuple[bytes, bytes]]],
+        want: set[int],
     ) -> PendingChunks:
         """After generation: the full state gives every row of the full-attention layers;
         windowed rows come from the captures (or the final window)."""
@@ -258,10 +279,16 @@ class KvPrefixCache:
         pending = PendingChunks(offered_bytes=n_chunks * self.chunk_bytes, used_at=used_at)
         if not want:
             return pending
-        _, sections = parse_state(self.backend.read_state(self.buf), n_sections=len(self.layout.sections))
+        _, sections = parse_state(
+            self.backend.read_state(self.buf), n_sections=len(self.layout.sections)
+        )
         base = sections[0]
-        if len(base.positions) < n_chunks * c or np.any(base.positions[: n_chunks * c] != np.arange(n_chunks * c)):
-            log.warning("KV state does not hold positions 0..%d in order; not storing", n_chunks * c)
+        if len(base.positions) < n_chunks * c or np.any(
+            base.positions[: n_chunks * c] != np.arange(n_chunks * c)
+        ):
+            log.warning(
+                "KV state does not hold positions 0..%d in order; not storing", n_chunks * c
+            )
             return pending
         if len(sections) == 2:
             self._take_rows(sections[1], [i for i in want if i not in swa_rows], swa_rows)
@@ -271,7 +298,7 @@ class KvPrefixCache:
             parts: list[bytes] = []
             a, b = i * c, (i + 1) * c
             v_trans = self.layout.sections[0].v_trans
-            for k, v in zip(base.k, base.v):
+            for k, v in zip(base.k, base.v, strict=True):
                 parts += [k[a:b].tobytes(), v_cells(v_trans, v, a, b).tobytes()]
             if len(sections) == 2:
                 if i not in swa_rows:
@@ -293,7 +320,9 @@ class KvPrefixCache:
             raise ValueError("empty prompt")
         backend.check_fits(len(prompt), params.max_tokens)
         if not self.enabled or self.config is None:
-            return PrefixGeneration(backend.generate(prompt, params, on_token), 0, 0.0, PendingChunks())
+            return PrefixGeneration(
+                backend.generate(prompt, params, on_token), 0, 0.0, PendingChunks()
+            )
         c = self.policy.chunk_tokens
         t0 = time.perf_counter()
         used_at = now_ms()
@@ -306,11 +335,17 @@ class KvPrefixCache:
 
         # Chunks this request may add (policy), minus those already stored.
         limit = self.policy.max_store_tokens or backend.config.n_ctx
-        max_chunk = min(limit, len(prompt) + (params.max_tokens if self.policy.store_generated else 0)) // c
+        max_chunk = (
+            min(limit, len(prompt) + (params.max_tokens if self.policy.store_generated else 0)) // c
+        )
         candidates = list(range(n_restored, max_chunk))
         prompt_hashes = chunk_hashes(self.config, prompt, len(prompt) // c)
-        known = self.chunks.present([prompt_hashes[i] for i in candidates if i < len(prompt_hashes)])
-        want = {i for i, k in zip(candidates, known) if not k} | {i for i in candidates if i >= len(prompt_hashes)}
+        known = self.chunks.present(
+            [prompt_hashes[i] for i in candidates if i < len(prompt_hashes)]
+        )
+        want = {i for i, k in zip(candidates, known, strict=True) if not k} | {
+            i for i in candidates if i >= len(prompt_hashes)
+        }
         swa_rows: dict[int, list[tuple[bytes, bytes]]] = {}
         windowed = len(self.layout.sections) == 2 if self.layout else False
         a = self.capture_every
@@ -322,7 +357,11 @@ class KvPrefixCache:
                 self._capture_window(want, swa_rows)
 
         gen = backend.continue_generation(
-            prompt, params, on_token, align=a, on_evaluated=capture if windowed and want else None,
+            prompt,
+            params,
+            on_token,
+            align=a,
+            on_evaluated=capture if windowed and want else None,
             started=t0,
         )
         evaluated = backend.evaluated()

@@ -14,9 +14,9 @@ We cut a state into per-token K/V rows (so it can be stored in chunks that many 
 share) and assemble a state for any chunk boundary from stored rows. Transposed V stays in
 llama.cpp's layout, (n_embd_v, cells, element): a chunk keeps its (n_embd_v, C, element)
 block, and a restore writes each layer with one ``np.concatenate(..., out=)`` straight into
-the state buffer (de-transposing 2-byte elements instead took ~60 ms of a 2k-token restore). Parsing checks that the
-bytes are consumed exactly; anything unexpected raises `StateFormatError`, and the caller
-then falls back to plain prefill rather than guess.
+the state buffer (de-transposing 2-byte elements instead took ~60 ms of a 2k-token restore).
+Parsing checks that the bytes are consumed exactly; anything unexpected raises
+`StateFormatError`, and the caller then falls back to plain prefill rather than guess.
 """
 
 from __future__ import annotations
@@ -63,8 +63,13 @@ class StateLayout:
         """A msgpack-able description (part of kv_config: a changed layout never restores)."""
         return [
             self.header.hex(),
-            [[int(s.v_trans), [[l.k_type, l.k_row, l.v_type, l.v_row, l.v_el] for l in s.layers]]
-             for s in self.sections],
+            [
+                [
+                    int(s.v_trans),
+                    [[ly.k_type, ly.k_row, ly.v_type, ly.v_row, ly.v_el] for ly in s.layers],
+                ]
+                for s in self.sections
+            ],
         ]
 
 
@@ -83,7 +88,9 @@ _U32 = struct.Struct("<I")
 _CELL = np.dtype([("pos", "<i4"), ("n_seq", "<u4"), ("seq", "<i4")])
 
 
-def parse_state(buf: bytes | memoryview, n_sections: int | None = None) -> tuple[StateLayout, list[Section]]:
+def parse_state(
+    buf: bytes | memoryview, n_sections: int | None = None
+) -> tuple[StateLayout, list[Section]]:
     """Split a sequence state into its layout and per-token rows (views into ``buf``)."""
     mv = memoryview(buf)
     if len(mv) < 8:
@@ -112,17 +119,23 @@ def parse_state(buf: bytes | memoryview, n_sections: int | None = None) -> tuple
                 k_meta.append((k_type, k_row))
                 off += cells * k_row
             v_rows, layers = [], []
-            for (k_type, k_row) in k_meta:
+            for k_type, k_row in k_meta:
                 if v_trans:
                     v_type, el, n_embd = struct.unpack_from("<iII", mv, off)
                     off += 12
-                    v_rows.append(np.frombuffer(mv, np.uint8, n_embd * cells * el, off).reshape(n_embd, cells, el))
+                    v_rows.append(
+                        np.frombuffer(mv, np.uint8, n_embd * cells * el, off).reshape(
+                            n_embd, cells, el
+                        )
+                    )
                     off += n_embd * cells * el
                     layers.append(LayerLayout(k_type, k_row, v_type, n_embd * el, el))
                 else:
                     v_type, v_row = struct.unpack_from("<iQ", mv, off)
                     off += 12
-                    v_rows.append(np.frombuffer(mv, np.uint8, cells * v_row, off).reshape(cells, v_row))
+                    v_rows.append(
+                        np.frombuffer(mv, np.uint8, cells * v_row, off).reshape(cells, v_row)
+                    )
                     off += cells * v_row
                     layers.append(LayerLayout(k_type, k_row, v_type, v_row, 0))
             pos = meta["pos"].copy()
@@ -146,7 +159,7 @@ def parse_state(buf: bytes | memoryview, n_sections: int | None = None) -> tuple
 
 def state_size(layout: StateLayout, cells: list[int]) -> int:
     n = len(layout.header)
-    for sec, c in zip(layout.sections, cells):
+    for sec, c in zip(layout.sections, cells, strict=True):
         n += 8 + c * _CELL.itemsize + 8 + len(sec.layers) * 24 + c * sec.row_bytes
     return n
 
@@ -172,7 +185,7 @@ def build_state(
     mv = out.view(need)
     mv[:8] = layout.header
     off = 8
-    for sec, pos, sec_rows in zip(layout.sections, positions, rows):
+    for sec, pos, sec_rows in zip(layout.sections, positions, rows, strict=True):
         c = len(pos)
         struct.pack_into("<II", mv, off, 1, c)
         off += 8
@@ -183,18 +196,20 @@ def build_state(
         off += c * _CELL.itemsize
         struct.pack_into("<II", mv, off, int(sec.v_trans), len(sec.layers))
         off += 8
-        for layer, (ks, _) in zip(sec.layers, sec_rows):
+        for layer, (ks, _) in zip(sec.layers, sec_rows, strict=True):
             struct.pack_into("<iQ", mv, off, layer.k_type, layer.k_row)
             off += 12
             dst = np.frombuffer(mv, np.uint8, c * layer.k_row, off).reshape(c, layer.k_row)
             _concat(ks, dst, 0)
             off += c * layer.k_row
-        for layer, (_, vs) in zip(sec.layers, sec_rows):
+        for layer, (_, vs) in zip(sec.layers, sec_rows, strict=True):
             if sec.v_trans:
                 n_embd = layer.v_row // layer.v_el
                 struct.pack_into("<iII", mv, off, layer.v_type, layer.v_el, n_embd)
                 off += 12
-                dst = np.frombuffer(mv, np.uint8, c * layer.v_row, off).reshape(n_embd, c, layer.v_el)
+                dst = np.frombuffer(mv, np.uint8, c * layer.v_row, off).reshape(
+                    n_embd, c, layer.v_el
+                )
                 _concat(vs, dst, 1)
             else:
                 struct.pack_into("<iQ", mv, off, layer.v_type, layer.v_row)

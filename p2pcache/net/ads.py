@@ -63,22 +63,48 @@ class Advert:
     sig: bytes = b""
 
     def payload(self) -> bytes:
-        return canonical(b"otd-ad-v1", self.model_hash, self.producer, list(self.addrs), self.ts,
-                         self.seq, [[e.cache_level, e.key, e.size, e.output_sha256] for e in self.entries])
+        return canonical(
+            b"otd-ad-v1",
+            self.model_hash,
+            self.producer,
+            list(self.addrs),
+            self.ts,
+            self.seq,
+            [[e.cache_level, e.key, e.size, e.output_sha256] for e in self.entries],
+        )
 
     def encode(self) -> bytes:
-        return msgpack.packb({
-            "v": AD_VERSION, "model_hash": self.model_hash, "producer": self.producer,
-            "addrs": list(self.addrs), "ts": self.ts, "seq": self.seq,
-            "entries": [[e.cache_level, e.key, e.size, e.output_sha256] for e in self.entries],
-            "sig": self.sig,
-        }, use_bin_type=True)
+        return msgpack.packb(
+            {
+                "v": AD_VERSION,
+                "model_hash": self.model_hash,
+                "producer": self.producer,
+                "addrs": list(self.addrs),
+                "ts": self.ts,
+                "seq": self.seq,
+                "entries": [[e.cache_level, e.key, e.size, e.output_sha256] for e in self.entries],
+                "sig": self.sig,
+            },
+            use_bin_type=True,
+        )
 
 
-def make_advert(identity: Identity, model_hash: str, addrs: Sequence[str], seq: int,
-                entries: Sequence[AdEntry], ts: int | None = None) -> Advert:
-    ad = Advert(model_hash, identity.peer_id, tuple(addrs)[:MAX_ADDRS],
-                ts if ts is not None else int(time.time() * 1000), seq, tuple(entries))
+def make_advert(
+    identity: Identity,
+    model_hash: str,
+    addrs: Sequence[str],
+    seq: int,
+    entries: Sequence[AdEntry],
+    ts: int | None = None,
+) -> Advert:
+    ad = Advert(
+        model_hash,
+        identity.peer_id,
+        tuple(addrs)[:MAX_ADDRS],
+        ts if ts is not None else int(time.time() * 1000),
+        seq,
+        tuple(entries),
+    )
     return Advert(**{**ad.__dict__, "sig": identity.sign(ad.payload())})
 
 
@@ -87,20 +113,38 @@ def decode_advert(data: bytes) -> Advert:
     if len(data) > MAX_AD_BYTES:
         raise AdRejected(f"oversize: {len(data)} bytes > {MAX_AD_BYTES}")
     try:
-        m = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=MAX_AD_BYTES,
-                            max_str_len=MAX_AD_BYTES, max_array_len=MAX_AD_ENTRIES * 4, max_map_len=32)
+        m = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=MAX_AD_BYTES,
+            max_str_len=MAX_AD_BYTES,
+            max_array_len=MAX_AD_ENTRIES * 4,
+            max_map_len=32,
+        )
     except Exception as exc:
         raise AdRejected(f"malformed: {exc}") from exc
     if not isinstance(m, dict) or m.get("v") != AD_VERSION:
         raise AdRejected("malformed: not a v1 advert")
     try:
         mh, producer, addrs, ts, seq, raw_entries, sig = (
-            m["model_hash"], m["producer"], m["addrs"], m["ts"], m["seq"], m["entries"], m["sig"])
+            m["model_hash"],
+            m["producer"],
+            m["addrs"],
+            m["ts"],
+            m["seq"],
+            m["entries"],
+            m["sig"],
+        )
     except KeyError as exc:
         raise AdRejected(f"malformed: missing {exc}") from exc
     if not (isinstance(mh, str) and _HEX64.match(mh)) or not isinstance(producer, str):
         raise AdRejected("malformed: model_hash or producer")
-    if not (isinstance(addrs, list) and len(addrs) <= MAX_ADDRS and all(isinstance(a, str) and len(a) < 256 for a in addrs)):
+    if not (
+        isinstance(addrs, list)
+        and len(addrs) <= MAX_ADDRS
+        and all(isinstance(a, str) and len(a) < 256 for a in addrs)
+    ):
         raise AdRejected("malformed: addrs")
     if type(ts) is not int or type(seq) is not int or seq < 0 or not isinstance(sig, bytes):
         raise AdRejected("malformed: ts, seq or sig")
@@ -111,8 +155,13 @@ def decode_advert(data: bytes) -> Advert:
         if not (isinstance(e, list) and len(e) == 4):
             raise AdRejected("malformed: entry")
         level, key, size, osha = e
-        if level not in LEVELS or not (isinstance(key, str) and _HEX64.match(key)) \
-                or type(size) is not int or size < 0 or not (isinstance(osha, str) and _HEX64.match(osha)):
+        if (
+            level not in LEVELS
+            or not (isinstance(key, str) and _HEX64.match(key))
+            or type(size) is not int
+            or size < 0
+            or not (isinstance(osha, str) and _HEX64.match(osha))
+        ):
             raise AdRejected("malformed: entry fields")
         entries.append(AdEntry(level, key, size, osha))
     return Advert(mh, producer, tuple(addrs), ts, seq, tuple(entries), sig)
@@ -200,9 +249,15 @@ class AdStats:
 class AdValidator:
     """The topic validator (sync, cheap: one Ed25519 verify) and the index feeder."""
 
-    def __init__(self, model_hash: str, index: GossipIndex, self_id: str,
-                 is_banned: Callable[[str], bool] = lambda _p: False,
-                 max_age_s: float = MAX_AGE_S, max_skew_s: float = MAX_SKEW_S) -> None:
+    def __init__(
+        self,
+        model_hash: str,
+        index: GossipIndex,
+        self_id: str,
+        is_banned: Callable[[str], bool] = lambda _p: False,
+        max_age_s: float = MAX_AGE_S,
+        max_skew_s: float = MAX_SKEW_S,
+    ) -> None:
         self.model_hash = model_hash
         self.index = index
         self.self_id = self_id

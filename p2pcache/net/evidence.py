@@ -50,14 +50,34 @@ class Evidence:
         return self.header.server
 
     def payload(self) -> bytes:
-        return canonical(b"otd-evidence-v1", self.model_hash, self.accuser, self.ts, self.header.to_msg(),
-                         self.body, list(self.prompt), self.params, self.reason)
+        return canonical(
+            b"otd-evidence-v1",
+            self.model_hash,
+            self.accuser,
+            self.ts,
+            self.header.to_msg(),
+            self.body,
+            list(self.prompt),
+            self.params,
+            self.reason,
+        )
 
     def encode(self) -> bytes:
-        return msgpack.packb({"v": EVIDENCE_VERSION, "model_hash": self.model_hash, "accuser": self.accuser,
-                              "ts": self.ts, "header": self.header.to_msg(), "body": self.body,
-                              "prompt": list(self.prompt), "params": self.params, "reason": self.reason,
-                              "sig": self.sig}, use_bin_type=True)
+        return msgpack.packb(
+            {
+                "v": EVIDENCE_VERSION,
+                "model_hash": self.model_hash,
+                "accuser": self.accuser,
+                "ts": self.ts,
+                "header": self.header.to_msg(),
+                "body": self.body,
+                "prompt": list(self.prompt),
+                "params": self.params,
+                "reason": self.reason,
+                "sig": self.sig,
+            },
+            use_bin_type=True,
+        )
 
     def entry(self) -> Entry:
         return entry_from_wire(self.body)
@@ -66,10 +86,24 @@ class Evidence:
         return SamplingParams.from_dict(self.params)
 
 
-def make_evidence(identity: Identity, header: ResponseHeader, body: bytes, prompt: Sequence[int],
-                  params: SamplingParams, reason: str) -> Evidence:
-    ev = Evidence(header.model_hash, identity.peer_id, int(time.time() * 1000), header, bytes(body),
-                  tuple(int(t) for t in prompt), params.to_dict(), reason[:200])
+def make_evidence(
+    identity: Identity,
+    header: ResponseHeader,
+    body: bytes,
+    prompt: Sequence[int],
+    params: SamplingParams,
+    reason: str,
+) -> Evidence:
+    ev = Evidence(
+        header.model_hash,
+        identity.peer_id,
+        int(time.time() * 1000),
+        header,
+        bytes(body),
+        tuple(int(t) for t in prompt),
+        params.to_dict(),
+        reason[:200],
+    )
     return Evidence(**{**ev.__dict__, "sig": identity.sign(ev.payload())})
 
 
@@ -80,8 +114,14 @@ def describe_evidence(rep: Any, evidence_id: str) -> dict[str, Any]:
         return {"id": evidence_id, "missing": True}
     try:
         m = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-        return {"id": evidence_id, "accuser": str(m["accuser"]), "liar": str(m["header"]["server"]),
-                "key": str(m["header"]["key"]), "reason": str(m["reason"]), "ts": int(m["ts"])}
+        return {
+            "id": evidence_id,
+            "accuser": str(m["accuser"]),
+            "liar": str(m["header"]["server"]),
+            "key": str(m["header"]["key"]),
+            "reason": str(m["reason"]),
+            "ts": int(m["ts"]),
+        }
     except Exception as exc:
         return {"id": evidence_id, "unreadable": repr(exc)}
 
@@ -96,10 +136,21 @@ def decode_evidence(data: bytes, model_hash: str) -> Evidence:
             raise ValueError("not v1 evidence")
         header = ResponseHeader.from_msg(m["header"])
         prompt = m["prompt"]
-        if not (isinstance(prompt, list) and prompt and all(type(t) is int and t >= 0 for t in prompt)):
+        if not (
+            isinstance(prompt, list) and prompt and all(type(t) is int and t >= 0 for t in prompt)
+        ):
             raise ValueError("bad prompt")
-        ev = Evidence(str(m["model_hash"]), str(m["accuser"]), int(m["ts"]), header, bytes(m["body"]),
-                      tuple(prompt), dict(m["params"]), str(m["reason"]), bytes(m["sig"]))
+        ev = Evidence(
+            str(m["model_hash"]),
+            str(m["accuser"]),
+            int(m["ts"]),
+            header,
+            bytes(m["body"]),
+            tuple(prompt),
+            dict(m["params"]),
+            str(m["reason"]),
+            bytes(m["sig"]),
+        )
         params = ev.sampling_params()
     except (BadResponse, KeyError, TypeError, ValueError) as exc:
         raise EvidenceRejected(f"malformed: {exc}") from exc
@@ -117,6 +168,9 @@ def decode_evidence(data: bytes, model_hash: str) -> Evidence:
         entry = ev.entry()
     except BadResponse as exc:
         raise EvidenceRejected(f"malformed: {exc}") from exc
-    if entry.input_sha256 != header.key or input_sha256(model_hash, ev.prompt, params) != header.key:
+    if (
+        entry.input_sha256 != header.key
+        or input_sha256(model_hash, ev.prompt, params) != header.key
+    ):
         raise EvidenceRejected("key does not match prompt and params")
     return ev

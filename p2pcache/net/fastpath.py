@@ -68,7 +68,9 @@ def _keyed(cipher: Any) -> Any:
     return cipher
 
 
-async def _write_msg(self: noise_io.NoiseTransportReadWriter, msg: bytes, prefix_encoded: bool = False) -> None:
+async def _write_msg(
+    self: noise_io.NoiseTransportReadWriter, msg: bytes, prefix_encoded: bool = False
+) -> None:
     if prefix_encoded or len(msg) <= _MAX_PT:
         await _orig_write_msg(self, msg, prefix_encoded)
         return
@@ -77,7 +79,7 @@ async def _write_msg(self: noise_io.NoiseTransportReadWriter, msg: bytes, prefix
     view = memoryview(msg)
     parts = []
     for off in range(0, len(msg), _MAX_PT):
-        ct = cipher.encrypt_with_ad(None, view[off:off + _MAX_PT])
+        ct = cipher.encrypt_with_ad(None, view[off : off + _MAX_PT])
         parts.append(_LEN2.pack(len(ct)))
         parts.append(ct)
     await self.read_writer.read_write_closer.write(b"".join(parts))
@@ -100,11 +102,15 @@ async def _read_msg(self: noise_io.NoiseTransportReadWriter, prefix_encoded: boo
         if not chunk:
             raise IncompleteReadError(
                 f"connection closed: expected {need} bytes, buffered {len(buf)}",
-                expected_bytes=need, received_bytes=len(buf))
+                expected_bytes=need,
+                received_bytes=len(buf),
+            )
         buf += chunk
     with memoryview(buf) as view:
         try:
-            pt = _keyed(self.noise_state.noise_protocol.cipher_state_decrypt).decrypt_with_ad(None, view[2:need])
+            pt = _keyed(self.noise_state.noise_protocol.cipher_state_decrypt).decrypt_with_ad(
+                None, view[2:need]
+            )
         except InvalidTag as exc:
             raise NoiseInvalidMessage("Failed authentication of message") from exc
     del buf[:need]
@@ -125,8 +131,9 @@ async def _read_exactly(reader: object, n: int, retry_count: int = 100) -> bytes
         have += len(more)
     if have >= n:
         return b"".join(parts)
-    raise IncompleteReadError(f"connection closed: expected {n} bytes, got {have}",
-                              expected_bytes=n, received_bytes=have)
+    raise IncompleteReadError(
+        f"connection closed: expected {n} bytes, got {have}", expected_bytes=n, received_bytes=have
+    )
 
 
 async def _session_read(self: SecureSession, n: int | None = None) -> bytes:

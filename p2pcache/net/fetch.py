@@ -80,9 +80,14 @@ class FetchRequest:
     chunks: tuple[bytes, ...] = ()  # kv_prefix: hashes of the chunks in `range`
 
     def to_msg(self) -> dict[str, Any]:
-        m = {"v": PROTOCOL_VERSION, "key": self.key, "model_hash": self.model_hash,
-             "level": self.level, "range": list(self.range) if self.range else None,
-             "max_bytes": self.max_bytes}
+        m = {
+            "v": PROTOCOL_VERSION,
+            "key": self.key,
+            "model_hash": self.model_hash,
+            "level": self.level,
+            "range": list(self.range) if self.range else None,
+            "max_bytes": self.max_bytes,
+        }
         if self.chunks:
             m["chunks"] = list(self.chunks)
         return m
@@ -100,16 +105,23 @@ class FetchRequest:
             raise WireError(f"unknown level {level!r}")
         rng = m.get("range")
         if rng is not None:
-            if not (isinstance(rng, list) and len(rng) == 2 and all(type(x) is int and x >= 0 for x in rng)
-                    and rng[0] < rng[1]):
+            if not (
+                isinstance(rng, list)
+                and len(rng) == 2
+                and all(type(x) is int and x >= 0 for x in rng)
+                and rng[0] < rng[1]
+            ):
                 raise WireError("range must be [first, end) with 0 <= first < end")
             rng = (rng[0], rng[1])
         mb = m.get("max_bytes", DEFAULT_MAX_BYTES)
         if type(mb) is not int or mb <= 0:
             raise WireError("max_bytes must be a positive integer")
         chunks = m.get("chunks") or []
-        if not (isinstance(chunks, list) and len(chunks) <= MAX_KV_CHUNKS
-                and all(isinstance(h, bytes) and len(h) == 32 for h in chunks)):
+        if not (
+            isinstance(chunks, list)
+            and len(chunks) <= MAX_KV_CHUNKS
+            and all(isinstance(h, bytes) and len(h) == 32 for h in chunks)
+        ):
             raise WireError(f"chunks must be a list of at most {MAX_KV_CHUNKS} 32-byte hashes")
         return cls(key, mh, level, rng, mb, tuple(chunks))
 
@@ -128,23 +140,51 @@ class ResponseHeader:
     sig: bytes = b""
 
     def payload(self) -> bytes:
-        return canonical(b"otd-fetch-v1", self.key, self.model_hash, self.level,
-                         list(self.range) if self.range else None, self.size, self.sha256,
-                         self.requester, self.server, self.ts)
+        return canonical(
+            b"otd-fetch-v1",
+            self.key,
+            self.model_hash,
+            self.level,
+            list(self.range) if self.range else None,
+            self.size,
+            self.sha256,
+            self.requester,
+            self.server,
+            self.ts,
+        )
 
     def to_msg(self) -> dict[str, Any]:
-        return {"v": PROTOCOL_VERSION, "status": "ok", "key": self.key, "model_hash": self.model_hash,
-                "level": self.level, "range": list(self.range) if self.range else None,
-                "size": self.size, "sha256": self.sha256, "requester": self.requester,
-                "server": self.server, "ts": self.ts, "sig": self.sig}
+        return {
+            "v": PROTOCOL_VERSION,
+            "status": "ok",
+            "key": self.key,
+            "model_hash": self.model_hash,
+            "level": self.level,
+            "range": list(self.range) if self.range else None,
+            "size": self.size,
+            "sha256": self.sha256,
+            "requester": self.requester,
+            "server": self.server,
+            "ts": self.ts,
+            "sig": self.sig,
+        }
 
     @classmethod
     def from_msg(cls, m: dict[str, Any]) -> ResponseHeader:
         try:
             rng = m["range"]
-            h = cls(str(m["key"]), str(m["model_hash"]), str(m["level"]),
-                    (int(rng[0]), int(rng[1])) if rng else None, int(m["size"]), str(m["sha256"]),
-                    str(m["requester"]), str(m["server"]), int(m["ts"]), bytes(m["sig"]))
+            h = cls(
+                str(m["key"]),
+                str(m["model_hash"]),
+                str(m["level"]),
+                (int(rng[0]), int(rng[1])) if rng else None,
+                int(m["size"]),
+                str(m["sha256"]),
+                str(m["requester"]),
+                str(m["server"]),
+                int(m["ts"]),
+                bytes(m["sig"]),
+            )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise BadResponse(f"malformed response header: {exc!r}") from exc
         return h
@@ -167,6 +207,7 @@ class Fetched:
 
 # -- what a server can serve ------------------------------------------------------------
 
+
 class ValueSource(Protocol):
     def value(self, req: FetchRequest) -> bytes | None:
         """The bytes to serve for this request, or None (absent, private, foreign model)."""
@@ -174,14 +215,23 @@ class ValueSource(Protocol):
 
 def entry_to_wire(entry: Entry) -> bytes:
     """The network form of a `decoder_final` entry: what the producer signed, nothing local."""
-    return msgpack.packb({
-        "input_sha256": entry.input_sha256, "model_hash": entry.model_hash,
-        "cache_level": entry.cache_level,
-        "output": {"tokens": entry.output.tokens, "text": entry.output.text,
-                   "finish_reason": entry.output.finish_reason},
-        "params": entry.params, "producer": entry.producer, "signature": entry.signature,
-        "prompt_tokens": entry.prompt_tokens,
-    }, use_bin_type=True)
+    return msgpack.packb(
+        {
+            "input_sha256": entry.input_sha256,
+            "model_hash": entry.model_hash,
+            "cache_level": entry.cache_level,
+            "output": {
+                "tokens": entry.output.tokens,
+                "text": entry.output.text,
+                "finish_reason": entry.output.finish_reason,
+            },
+            "params": entry.params,
+            "producer": entry.producer,
+            "signature": entry.signature,
+            "prompt_tokens": entry.prompt_tokens,
+        },
+        use_bin_type=True,
+    )
 
 
 def entry_from_wire(body: bytes) -> Entry:
@@ -190,17 +240,25 @@ def entry_from_wire(body: bytes) -> Entry:
         d = msgpack.unpackb(body, raw=False, strict_map_key=True)
         out = d["output"]
         tokens = out["tokens"]
-        if not (isinstance(tokens, list) and all(type(t) is int and 0 <= t < 2**31 for t in tokens)):
+        if not (
+            isinstance(tokens, list) and all(type(t) is int and 0 <= t < 2**31 for t in tokens)
+        ):
             raise ValueError("tokens must be a list of ints")
         if not isinstance(out["text"], str) or out["finish_reason"] not in ("stop", "length"):
             raise ValueError("bad text or finish_reason")
         if not isinstance(d["params"], dict) or not isinstance(d["signature"], bytes):
             raise ValueError("bad params or signature")
         entry = Entry(
-            input_sha256=str(d["input_sha256"]), model_hash=str(d["model_hash"]),
-            cache_level=d["cache_level"], output=Output(tokens, out["text"], out["finish_reason"]),
-            params=d["params"], privacy_flag=False, producer=str(d["producer"]),
-            signature=d["signature"], verified_by_us=False, prompt_tokens=int(d.get("prompt_tokens", 0)),
+            input_sha256=str(d["input_sha256"]),
+            model_hash=str(d["model_hash"]),
+            cache_level=d["cache_level"],
+            output=Output(tokens, out["text"], out["finish_reason"]),
+            params=d["params"],
+            privacy_flag=False,
+            producer=str(d["producer"]),
+            signature=d["signature"],
+            verified_by_us=False,
+            prompt_tokens=int(d.get("prompt_tokens", 0)),
         )
     except BadResponse:
         raise
@@ -253,6 +311,7 @@ class ChainSource:
 
 # -- server -----------------------------------------------------------------------------
 
+
 @dataclass
 class ServerStats:
     served: int = 0
@@ -265,9 +324,14 @@ class ServerStats:
 class FetchServer:
     """The ``/otd/fetch/1.0.0`` handler. Register with ``host.set_stream_handler``."""
 
-    def __init__(self, identity: Identity, source: ValueSource, limits: ServerLimits | None = None,
-                 is_banned: Callable[[str], bool] = lambda _p: False,
-                 on_served: Callable[[int], None] = lambda _n: None) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        source: ValueSource,
+        limits: ServerLimits | None = None,
+        is_banned: Callable[[str], bool] = lambda _p: False,
+        on_served: Callable[[int], None] = lambda _n: None,
+    ) -> None:
         self.identity = identity
         self.source = source
         self.on_served = on_served  # bytes of each body served (the node's metrics)
@@ -308,7 +372,9 @@ class FetchServer:
             with trio.move_on_after(self.limits.request_timeout_s) as scope:
                 await self._serve(stream, peer)
             if scope.cancelled_caught:
-                log.info("fetch from %s timed out after %.0f s", peer[:16], self.limits.request_timeout_s)
+                log.info(
+                    "fetch from %s timed out after %.0f s", peer[:16], self.limits.request_timeout_s
+                )
                 await _reset(stream)
         except Exception as exc:  # a broken peer must never take the server down
             log.info("fetch from %s failed: %r", peer[:16], exc)
@@ -334,8 +400,17 @@ class FetchServer:
         if len(body) > req.max_bytes:
             await _reply_status(stream, "too_large", f"{len(body)} bytes")
             return
-        header = ResponseHeader(req.key, req.model_hash, req.level, req.range, len(body),
-                                self._digest(req, body), peer, self.identity.peer_id, int(time.time() * 1000))
+        header = ResponseHeader(
+            req.key,
+            req.model_hash,
+            req.level,
+            req.range,
+            len(body),
+            self._digest(req, body),
+            peer,
+            self.identity.peer_id,
+            int(time.time() * 1000),
+        )
         header = ResponseHeader(**{**header.__dict__, "sig": self.identity.sign(header.payload())})
         await stream.write(pack_msg(header.to_msg()))
         await write_body(stream, body, self.limits.frame_size or BODY_FRAME)
@@ -348,7 +423,7 @@ class FetchServer:
 async def write_body(stream: INetStream, body: bytes, frame_size: int) -> None:
     view = memoryview(body)
     for off in range(0, len(body), frame_size):
-        chunk = view[off:off + frame_size]
+        chunk = view[off : off + frame_size]
         await stream.write(LEN.pack(len(chunk)) + chunk)
     await stream.write(LEN.pack(0))
 
@@ -356,7 +431,9 @@ async def write_body(stream: INetStream, body: bytes, frame_size: int) -> None:
 async def _reply_status(stream: INetStream, status: str, reason: str) -> None:
     try:
         with trio.move_on_after(5):
-            await stream.write(pack_msg({"v": PROTOCOL_VERSION, "status": status, "reason": reason}))
+            await stream.write(
+                pack_msg({"v": PROTOCOL_VERSION, "status": status, "reason": reason})
+            )
             await stream.close()
     except Exception:
         await _reset(stream)
@@ -372,7 +449,10 @@ async def _reset(stream: INetStream) -> None:
 
 # -- client -----------------------------------------------------------------------------
 
-async def fetch(host: IHost, peer_id: str, req: FetchRequest, timeout_s: float = DEFAULT_TIMEOUT_S) -> Fetched:
+
+async def fetch(
+    host: IHost, peer_id: str, req: FetchRequest, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> Fetched:
     """Fetch one value from one peer; raises a `FetchError` subclass on any failure."""
     t0 = time.perf_counter()
     stream: INetStream | None = None
@@ -393,13 +473,18 @@ async def fetch(host: IHost, peer_id: str, req: FetchRequest, timeout_s: float =
             if status != "ok":
                 raise BadResponse(f"{peer_id[:16]} answered {status!r}: {head.get('reason', '')}")
             header = ResponseHeader.from_msg(head)
-            if (header.key, header.model_hash, header.level) != (req.key, req.model_hash, req.level) \
-                    or header.range != req.range:
+            if (header.key, header.model_hash, header.level) != (
+                req.key,
+                req.model_hash,
+                req.level,
+            ) or header.range != req.range:
                 raise BadResponse("response header does not match the request")
             if header.server != peer_id or header.requester != host.get_id().to_base58():
                 raise BadResponse("response header names the wrong peers")
             if header.size > req.max_bytes:
-                raise BadResponse(f"response of {header.size} bytes exceeds max_bytes {req.max_bytes}")
+                raise BadResponse(
+                    f"response of {header.size} bytes exceeds max_bytes {req.max_bytes}"
+                )
             if not header.signature_ok():
                 raise BadResponse("bad response signature")
             body, digest = await read_body(reader, header.size)
@@ -410,7 +495,9 @@ async def fetch(host: IHost, peer_id: str, req: FetchRequest, timeout_s: float =
     except trio.TooSlowError as exc:
         if stream is not None:
             await _reset(stream)
-        raise FetchTimeout(f"fetch of {req.key[:12]} from {peer_id[:16]} timed out after {timeout_s} s") from exc
+        raise FetchTimeout(
+            f"fetch of {req.key[:12]} from {peer_id[:16]} timed out after {timeout_s} s"
+        ) from exc
     except FetchError:
         if stream is not None:
             await _reset(stream)
@@ -441,7 +528,7 @@ async def read_body(reader: FrameReader, size: int) -> tuple[bytearray, str]:
             break
         if done + n > size:
             raise BadResponse(f"body longer than the announced {size} bytes")
-        part = view[done:done + n]
+        part = view[done : done + n]
         await reader.read_into(part)
         digest.update(part)
         done += n

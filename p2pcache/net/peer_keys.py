@@ -18,7 +18,7 @@ def public_key_of(peer_id: str) -> bytes:
         raise ValueError(f"not a peer id: {peer_id!r}") from exc
     if len(raw) != len(_PREFIX) + 32 or not raw.startswith(_PREFIX):
         raise ValueError(f"not an Ed25519 peer id: {peer_id!r}")
-    pub = raw[len(_PREFIX):]
+    pub = raw[len(_PREFIX) :]
     if peer_id_from_public(pub) != peer_id:
         raise ValueError("peer id does not round-trip")
     return pub
@@ -33,4 +33,8 @@ def verify_by_peer(peer_id: str, signature: bytes, payload: bytes) -> bool:
         pub = public_key_of(peer_id)
     except ValueError:
         return False
-    return isinstance(signature, bytes) and len(signature) == 64 and verify_signature(pub, signature, payload)
+    return (
+        isinstance(signature, bytes)
+        and len(signature) == 64
+        and verify_signature(pub, signature, payload)
+    )

@@ -66,7 +66,10 @@ class PeerRecord:
 
     def score(self) -> float:
         return (1.0 + self.successes) / (
-            2.0 + self.successes + W_FAIL * self.failures + W_TIMEOUT * self.timeouts
+            2.0
+            + self.successes
+            + W_FAIL * self.failures
+            + W_TIMEOUT * self.timeouts
             + W_BAD * self.bad
         )
 
@@ -180,8 +183,9 @@ class Reputation:
             return len(self._dirty)
 
     # -- updates (memory now, LMDB at the next flush) ------------------------------------
-    def record_success(self, peer_id: str, nbytes: int, seconds: float,
-                       ttfb_s: float | None = None) -> PeerRecord:
+    def record_success(
+        self, peer_id: str, nbytes: int, seconds: float, ttfb_s: float | None = None
+    ) -> PeerRecord:
         def f(rec: PeerRecord) -> None:
             rec.successes += 1
             rec.bytes_in += nbytes
@@ -190,22 +194,26 @@ class Reputation:
                 rec.latency_ms = ewma(rec.latency_ms, ttfb_s * 1000)
             if nbytes >= 65536 and seconds > 0:
                 rec.bandwidth = ewma(rec.bandwidth, nbytes / seconds)
+
         return self._update(peer_id, f)
 
     def record_timeout(self, peer_id: str) -> PeerRecord:
         def f(rec: PeerRecord) -> None:
             rec.timeouts += 1
             rec.fetches += 1
+
         return self._update(peer_id, f)
 
     def record_bad(self, peer_id: str, reason: str = "") -> PeerRecord:
         def f(rec: PeerRecord) -> None:
             rec.bad += 1
             rec.fetches += 1
+
         return self._update(peer_id, f, reason)
 
-    def record_verified_failure(self, peer_id: str, evidence: bytes | None,
-                                reason: str) -> PeerRecord:
+    def record_verified_failure(
+        self, peer_id: str, evidence: bytes | None, reason: str
+    ) -> PeerRecord:
         """A proven lie. ``evidence`` (signed, self-contained) is kept and linked to the peer."""
         evidence_id = hashlib.sha256(evidence).hexdigest() if evidence else None
 
@@ -214,7 +222,8 @@ class Reputation:
                 return  # the same proof counted once, however often it arrives
             rec.failures += 1
             if evidence_id:
-                rec.evidence = (rec.evidence + [evidence_id])[-self.config.max_evidence_per_peer:]
+                rec.evidence = (rec.evidence + [evidence_id])[-self.config.max_evidence_per_peer :]
+
         proof = (evidence_id, evidence) if evidence_id and evidence else None
         return self._update(peer_id, f, reason, evidence=proof)
 
@@ -222,6 +231,7 @@ class Reputation:
         def f(rec: PeerRecord) -> None:
             rec.banned_until = now_ms() + int(1000 * (seconds or self.config.ban_seconds))
             rec.ban_reason = reason
+
         return self._update(peer_id, f)
 
     def seen(self, peer_id: str) -> None:
@@ -246,8 +256,11 @@ class Reputation:
                     for eid, blob in evidence.items():
                         txn.put(bytes.fromhex(eid), blob, db=self._evidence_db)
             except lmdb.Error as exc:
-                log.warning("could not write reputation of %d peers (kept for the next flush): %s",
-                            len(rows), exc)
+                log.warning(
+                    "could not write reputation of %d peers (kept for the next flush): %s",
+                    len(rows),
+                    exc,
+                )
                 with self._lock:
                     self._dirty |= dirty
                 return 0
@@ -274,8 +287,13 @@ class Reputation:
         self.flush()
 
     # -- internals ----------------------------------------------------------------------
-    def _update(self, peer_id: str, fn: Callable[[PeerRecord], None], reason: str = "",
-                evidence: tuple[str, bytes] | None = None) -> PeerRecord:
+    def _update(
+        self,
+        peer_id: str,
+        fn: Callable[[PeerRecord], None],
+        reason: str = "",
+        evidence: tuple[str, bytes] | None = None,
+    ) -> PeerRecord:
         t = now_ms()
         with self._lock:
             rec = self._peers.get(peer_id)
@@ -309,8 +327,9 @@ def decay_record(rec: PeerRecord, t: int, half_life_s: float) -> None:
     rec.updated_at = t
 
 
-def read_offline(store_dir: str | Path, half_life_s: float = ReputationConfig.half_life_s
-                 ) -> tuple[list[PeerRecord], dict[str, bytes]]:
+def read_offline(
+    store_dir: str | Path, half_life_s: float = ReputationConfig.half_life_s
+) -> tuple[list[PeerRecord], dict[str, bytes]]:
     """Every peer record and stored proof of a node's LMDB, read-only (the node may be stopped
     or running: LMDB readers never block its writer). Decayed to now, as a node would show them.
     Raises FileNotFoundError when there is no store at ``store_dir``."""

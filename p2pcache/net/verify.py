@@ -43,8 +43,13 @@ class ChecksLike(Protocol):
 class Scorer(Protocol):
     """What verification needs from the local model (`LlamaBackend` implements it)."""
 
-    def check(self, prompt: Sequence[int], completion: Sequence[int], top_k: int = 0,
-              logprob_floor: float | None = None) -> ChecksLike: ...
+    def check(
+        self,
+        prompt: Sequence[int],
+        completion: Sequence[int],
+        top_k: int = 0,
+        logprob_floor: float | None = None,
+    ) -> ChecksLike: ...
 
     def detokenize(self, tokens: Sequence[int]) -> str: ...
 
@@ -68,8 +73,13 @@ class BackendScorer:
     def __init__(self, backend: LlamaBackend) -> None:
         self.backend = backend
 
-    def check(self, prompt: Sequence[int], completion: Sequence[int], top_k: int = 0,
-              logprob_floor: float | None = None) -> ChecksLike:
+    def check(
+        self,
+        prompt: Sequence[int],
+        completion: Sequence[int],
+        top_k: int = 0,
+        logprob_floor: float | None = None,
+    ) -> ChecksLike:
         return self.backend.check(prompt, completion, top_k=top_k, logprob_floor=logprob_floor)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
@@ -83,7 +93,9 @@ class BackendScorer:
         return self.backend.eog_token
 
 
-def check_static(entry: Entry, key: str, model_hash: str, prompt: Sequence[int], params: SamplingParams) -> Verdict:
+def check_static(
+    entry: Entry, key: str, model_hash: str, prompt: Sequence[int], params: SamplingParams
+) -> Verdict:
     """Everything that needs no model: key, model, params, producer signature."""
     if entry.cache_level != "decoder_final":
         return Verdict(False, "not a decoder_final")
@@ -103,9 +115,15 @@ def check_static(entry: Entry, key: str, model_hash: str, prompt: Sequence[int],
     return Verdict(True, "static checks passed")
 
 
-def verify_decoder_final(scorer: Scorer, entry: Entry, key: str, model_hash: str,
-                         prompt: Sequence[int], params: SamplingParams,
-                         config: VerifyConfig | None = None) -> Verdict:
+def verify_decoder_final(
+    scorer: Scorer,
+    entry: Entry,
+    key: str,
+    model_hash: str,
+    prompt: Sequence[int],
+    params: SamplingParams,
+    config: VerifyConfig | None = None,
+) -> Verdict:
     """Blocking (runs the model): call it on the backend worker thread."""
     config = config or VerifyConfig()
     t0 = time.perf_counter()
@@ -138,7 +156,9 @@ def verify_decoder_final(scorer: Scorer, entry: Entry, key: str, model_hash: str
     top_k = 0 if strict else params.top_k
     scored = tokens + ([scorer.eog_token] if plain_stop else [])
     # Greedy needs only gaps and argmax; sampled asks for ranks and the floor test too.
-    s = scorer.check(prompt, scored, top_k=top_k, logprob_floor=None if strict else config.logprob_floor)
+    s = scorer.check(
+        prompt, scored, top_k=top_k, logprob_floor=None if strict else config.logprob_floor
+    )
     n = len(tokens)
     tol = config.greedy_logit_tol
     for j in range(n):
@@ -147,14 +167,18 @@ def verify_decoder_final(scorer: Scorer, entry: Entry, key: str, model_hash: str
                 return _fail(f"token {j} is not the local argmax (gap {s.gaps[j]:.3f})", j, t0)
         else:
             if top_k > 0 and s.ranks[j] >= top_k:
-                return _fail(f"token {j} is outside the local top-{top_k} (rank {s.ranks[j] + 1})", j, t0)
+                return _fail(
+                    f"token {j} is outside the local top-{top_k} (rank {s.ranks[j] + 1})", j, t0
+                )
             if params.min_p > 0 and s.gaps[j] > -math.log(params.min_p) + tol:
                 return _fail(f"token {j} is below min_p (gap {s.gaps[j]:.3f})", j, t0)
             if s.below_floor[j]:
                 return _fail(f"token {j} log-prob under the floor {config.logprob_floor:g}", j, t0)
     if plain_stop:
         # The model must end here: its best next token is end-of-generation (any EOG id).
-        if not scorer.is_eog(s.argmax[n]) and s.gaps[n] > (tol if strict else -math.log(max(params.min_p, 1e-9))):
+        if not scorer.is_eog(s.argmax[n]) and s.gaps[n] > (
+            tol if strict else -math.log(max(params.min_p, 1e-9))
+        ):
             return _fail("the local model does not end the output there", n, t0)
     return Verdict(True, "verified", -1, (time.perf_counter() - t0) * 1000)
 
@@ -166,12 +190,19 @@ def _fail(reason: str, pos: int, t0: float) -> Verdict:
 class ModelVerifier:
     """`verify_decoder_final` on the node's own model, run on its worker thread."""
 
-    def __init__(self, worker: BackendWorker, model_hash: str, config: VerifyConfig | None = None) -> None:
+    def __init__(
+        self, worker: BackendWorker, model_hash: str, config: VerifyConfig | None = None
+    ) -> None:
         self.worker = worker
         self.model_hash = model_hash
         self.config = config or VerifyConfig()
 
-    async def verify(self, entry: Entry, key: str, prompt: Sequence[int], params: SamplingParams) -> Verdict:
+    async def verify(
+        self, entry: Entry, key: str, prompt: Sequence[int], params: SamplingParams
+    ) -> Verdict:
         scorer = BackendScorer(self.worker.backend)
-        return await self.worker.run(lambda: verify_decoder_final(
-            scorer, entry, key, self.model_hash, list(prompt), params, self.config))
+        return await self.worker.run(
+            lambda: verify_decoder_final(
+                scorer, entry, key, self.model_hash, list(prompt), params, self.config
+            )
+        )

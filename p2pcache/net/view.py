@@ -36,7 +36,9 @@ class NetworkView(Protocol):
         """Counters shown by ``/admin/peers``."""
         ...
 
-    async def wait_providers(self, key: str, level: str = "decoder_final", wait_s: float = 0.0) -> list[str]:
+    async def wait_providers(
+        self, key: str, level: str = "decoder_final", wait_s: float = 0.0
+    ) -> list[str]:
         """Peer ids advertising ``key``, waiting up to ``wait_s`` for the first one."""
         ...
 
@@ -59,5 +61,7 @@ class NoNetwork:
     def stats(self) -> dict[str, Any]:
         return {}
 
-    async def wait_providers(self, key: str, level: str = "decoder_final", wait_s: float = 0.0) -> list[str]:
+    async def wait_providers(
+        self, key: str, level: str = "decoder_final", wait_s: float = 0.0
+    ) -> list[str]:
         return []

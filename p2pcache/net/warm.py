@@ -39,10 +39,16 @@ class WarmConnections:
     ``connected()`` gives the peer ids connected now, ``dial(peer_id, addrs, timeout_s)``
     connects or raises, ``score(peer_id)`` orders candidates, ``is_banned`` excludes them."""
 
-    def __init__(self, config: WarmConfig, self_id: str, *,
-                 connected: Callable[[], set[str]],
-                 dial: Callable[[str, Sequence[str], float], Awaitable[None]],
-                 score: Callable[[str], float], is_banned: Callable[[str], bool]) -> None:
+    def __init__(
+        self,
+        config: WarmConfig,
+        self_id: str,
+        *,
+        connected: Callable[[], set[str]],
+        dial: Callable[[str, Sequence[str], float], Awaitable[None]],
+        score: Callable[[str], float],
+        is_banned: Callable[[str], bool],
+    ) -> None:
         self.config = config
         self.self_id = self_id
         self._connected = connected
@@ -53,7 +59,9 @@ class WarmConnections:
         self._inflight: dict[str, trio.Event] = {}
         self.stats = {"dialled": 0, "failed": 0}
 
-    def candidates(self, producers: Mapping[str, Sequence[str]], now: float | None = None) -> list[str]:
+    def candidates(
+        self, producers: Mapping[str, Sequence[str]], now: float | None = None
+    ) -> list[str]:
         """Producers to dial now: not us, not connected, not banned, not tried within
         ``retry_s``, with addresses; best score first, as many as the budget allows."""
         cfg = self.config
@@ -67,9 +75,16 @@ class WarmConnections:
         budget = cfg.max_peers - warm
         if budget <= 0:
             return []
-        fresh = [p for p, addrs in producers.items()
-                 if addrs and p != self.self_id and p not in connected and p not in self._inflight
-                 and p not in self._tried and not self._is_banned(p)]
+        fresh = [
+            p
+            for p, addrs in producers.items()
+            if addrs
+            and p != self.self_id
+            and p not in connected
+            and p not in self._inflight
+            and p not in self._tried
+            and not self._is_banned(p)
+        ]
         fresh.sort(key=self._score, reverse=True)
         return fresh[:budget]
 
@@ -81,8 +96,11 @@ class WarmConnections:
             with trio.move_on_after(timeout_s):
                 await ev.wait()
 
-    async def run(self, changed: Callable[[], trio.Event],
-                  producers: Callable[[], Mapping[str, Sequence[str]]]) -> None:
+    async def run(
+        self,
+        changed: Callable[[], trio.Event],
+        producers: Callable[[], Mapping[str, Sequence[str]]],
+    ) -> None:
         """Forever: on every index change (``changed()`` gives the event the next change
         sets), dial the current candidates. Taking the event before looking means a change
         during a pass is never missed."""
@@ -99,14 +117,17 @@ class WarmConnections:
                     nursery.start_soon(self._dial_one, pid, tuple(known[pid]), limiter)
                 await ev.wait()
 
-    async def _dial_one(self, peer_id: str, addrs: tuple[str, ...], limiter: trio.CapacityLimiter) -> None:
+    async def _dial_one(
+        self, peer_id: str, addrs: tuple[str, ...], limiter: trio.CapacityLimiter
+    ) -> None:
         try:
             async with limiter:
                 await self._dial(peer_id, addrs, self.config.dial_timeout_s)
             self.stats["dialled"] += 1
             log.info("warm: connected to producer %s", peer_id[:16])
         # The fetch path will try again (and count it). Dial errors may come as an ExceptionGroup,
-        # which is an Exception; a group that holds a Cancelled is a BaseExceptionGroup and propagates.
+        # which is an Exception; a group that holds a Cancelled is a BaseExceptionGroup and
+        # propagates.
         except Exception as exc:
             self.stats["failed"] += 1
             log.info("warm: could not reach producer %s: %r", peer_id[:16], exc)

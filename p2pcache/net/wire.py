@@ -52,10 +52,10 @@ class FrameReader:
 
     async def read_exact(self, n: int) -> bytes:
         if self._buffered() >= n:
-            out = self._buf[self._pos:self._pos + n]
+            out = self._buf[self._pos : self._pos + n]
             self._pos += n
             return out
-        parts = [self._buf[self._pos:]]
+        parts = [self._buf[self._pos :]]
         have = len(parts[0])
         self._buf, self._pos = b"", 0
         while have < n:
@@ -72,13 +72,13 @@ class FrameReader:
         n, done = len(dst), 0
         if self._buffered():
             take = min(self._buffered(), n)
-            dst[:take] = memoryview(self._buf)[self._pos:self._pos + take]
+            dst[:take] = memoryview(self._buf)[self._pos : self._pos + take]
             self._pos += take
             done = take
         while done < n:
             chunk = await self._more(n - done, done)
             take = min(len(chunk), n - done)
-            dst[done:done + take] = memoryview(chunk)[:take]
+            dst[done : done + take] = memoryview(chunk)[:take]
             done += take
             if take < len(chunk):
                 self._buf, self._pos = chunk, take

@@ -24,7 +24,8 @@ def find_node_url(url: str | None, data_dir: str | Path | None) -> str:
         doc = json.loads(info.read_text())
     except FileNotFoundError:
         raise NodeUnreachable(
-            f"no running node found for {dd.root} (no node.json); start one with `p2pcache node run` "
+            f"no running node found for {dd.root} (no node.json); "
+            f"start one with `p2pcache node run` "
             f"or pass --url"
         ) from None
     except (OSError, ValueError) as exc:
@@ -34,7 +35,9 @@ def find_node_url(url: str | None, data_dir: str | Path | None) -> str:
     return str(doc["http"]).rstrip("/")
 
 
-def admin_get(url: str, path: str, token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> Any:
+def admin_get(
+    url: str, path: str, token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S
+) -> Any:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         r = httpx.get(f"{url}{path}", headers=headers, timeout=timeout)

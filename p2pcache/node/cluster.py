@@ -72,16 +72,34 @@ class NodeProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=10)
-            raise NodeStartError(f"node {self.name} did not stop within {timeout:.0f} s; killed") from None
+            raise NodeStartError(
+                f"node {self.name} did not stop within {timeout:.0f} s; killed"
+            ) from None
         finally:
             if self.proc.stdout:
                 self.proc.stdout.close()
 
 
-def node_command(data_dir: Path, http: str = "127.0.0.1:0", listen: str = "/ip4/127.0.0.1/tcp/0",
-                 extra: Sequence[str] = ()) -> list[str]:
-    return [sys.executable, "-m", "p2pcache", "node", "run", "--data-dir", str(data_dir), "--http", http,
-            "--listen", listen, *extra]
+def node_command(
+    data_dir: Path,
+    http: str = "127.0.0.1:0",
+    listen: str = "/ip4/127.0.0.1/tcp/0",
+    extra: Sequence[str] = (),
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "p2pcache",
+        "node",
+        "run",
+        "--data-dir",
+        str(data_dir),
+        "--http",
+        http,
+        "--listen",
+        listen,
+        *extra,
+    ]
 
 
 def start_node(
@@ -101,8 +119,11 @@ def start_node(
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
-            node_command(data_dir, http, listen, extra), stdout=subprocess.PIPE, stderr=log_file,
-            stdin=subprocess.DEVNULL, env=full_env,
+            node_command(data_dir, http, listen, extra),
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            stdin=subprocess.DEVNULL,
+            env=full_env,
         )
     node = NodeProcess(name, proc, data_dir, log_path)
     if wait:
@@ -121,13 +142,18 @@ def wait_ready(node: NodeProcess, timeout: float = READY_TIMEOUT_S) -> dict[str,
         if remaining <= 0:
             node.proc.kill()
             node.proc.wait(timeout=10)
-            raise NodeStartError(f"node {node.name} not ready within {timeout:.0f} s:\n{node.log_tail()}")
+            raise NodeStartError(
+                f"node {node.name} not ready within {timeout:.0f} s:\n{node.log_tail()}"
+            )
         readable, _, _ = select.select([fd], [], [], min(remaining, 1.0))
         if readable:
             chunk = os.read(fd, 65536)
             if not chunk:  # stdout closed: the process ended
                 code = node.proc.wait(timeout=10)
-                raise NodeStartError(f"node {node.name} exited with code {code} before it was ready:\n{node.log_tail()}")
+                raise NodeStartError(
+                    f"node {node.name} exited with code {code} before it was ready:\n"
+                    f"{node.log_tail()}"
+                )
             buf += chunk
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
@@ -139,7 +165,9 @@ def wait_ready(node: NodeProcess, timeout: float = READY_TIMEOUT_S) -> dict[str,
                     node.ready = doc
                     return doc
         elif node.proc.poll() is not None:
-            raise NodeStartError(f"node {node.name} exited with code {node.proc.returncode}:\n{node.log_tail()}")
+            raise NodeStartError(
+                f"node {node.name} exited with code {node.proc.returncode}:\n{node.log_tail()}"
+            )
 
 
 def stop_all(nodes: Sequence[NodeProcess], timeout: float = STOP_TIMEOUT_S) -> dict[str, int]:

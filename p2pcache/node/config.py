@@ -28,8 +28,15 @@ CONFIG_ENV = "P2PCACHE_CONFIG"
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {
-    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
 }
 
 
@@ -59,46 +66,109 @@ class NodeConfig(BaseModel):
 
     data_dir: Path | None = Field(None, description="Data dir (store, identity, model hash memo).")
     model: Path | None = Field(None, description="GGUF model file; default: embedded Gemma 3 270M.")
-    model_name: str | None = Field(None, description="Model id served at /v1/models; default: the file's stem.")
-    http: str = Field("127.0.0.1:8080", description="HTTP API address HOST:PORT (port 0: any free port).")
+    model_name: str | None = Field(
+        None, description="Model id served at /v1/models; default: the file's stem."
+    )
+    http: str = Field(
+        "127.0.0.1:8080", description="HTTP API address HOST:PORT (port 0: any free port)."
+    )
     listen: list[str] = Field(["/ip4/0.0.0.0/tcp/4001"], description="libp2p listen multiaddrs.")
-    bootstrap: list[str] = Field([], description="libp2p bootstrap multiaddrs ending in /p2p/<peer id>.")
+    bootstrap: list[str] = Field(
+        [], description="libp2p bootstrap multiaddrs ending in /p2p/<peer id>."
+    )
     bootstrap_http: list[str] = Field(
-        [], description="HTTP URLs of running nodes whose /admin/status addrs join the bootstrap list."
+        [],
+        description="HTTP URLs of running nodes whose /admin/status addrs join the bootstrap list.",
     )
-    bootstrap_wait_s: float = Field(60.0, gt=0, description="How long to wait for bootstrap_http nodes.")
+    bootstrap_wait_s: float = Field(
+        60.0, gt=0, description="How long to wait for bootstrap_http nodes."
+    )
     warm_peers: int = Field(
-        WarmConfig.max_peers, ge=0, le=256, description="Producers dialled as their adverts arrive, before a request needs them (0: off)."
+        WarmConfig.max_peers,
+        ge=0,
+        le=256,
+        description="Producers dialled as their adverts arrive, "
+        "before a request needs them (0: off).",
     )
-    share_by_default: bool = Field(ApiSettings.share_by_default, description="Share entries with peers unless a request says otherwise.")
-    n_ctx: int = Field(NodeOptions.n_ctx, ge=256, le=1 << 20, description="Context window in tokens.")
-    n_gpu_layers: int | None = Field(NodeOptions.n_gpu_layers, ge=-1, description="Layers on the GPU (-1 all, 0 none; default: all if any GPU).")
-    kv_prefix: bool = Field(NodeOptions.kv_prefix, description="Resume local inference from stored KV prefixes.")
-    kv_type: Literal["f16", "q8_0", "q4_0"] = Field(NodeOptions.kv_type, description="KV cache element type.")
-    kv_net: bool = Field(KvNetConfig.enabled, description="Share KV prefix chunks with peers and fetch the ones a prompt lacks.")
+    share_by_default: bool = Field(
+        ApiSettings.share_by_default,
+        description="Share entries with peers unless a request says otherwise.",
+    )
+    n_ctx: int = Field(
+        NodeOptions.n_ctx, ge=256, le=1 << 20, description="Context window in tokens."
+    )
+    n_gpu_layers: int | None = Field(
+        NodeOptions.n_gpu_layers,
+        ge=-1,
+        description="Layers on the GPU (-1 all, 0 none; default: all if any GPU).",
+    )
+    kv_prefix: bool = Field(
+        NodeOptions.kv_prefix, description="Resume local inference from stored KV prefixes."
+    )
+    kv_type: Literal["f16", "q8_0", "q4_0"] = Field(
+        NodeOptions.kv_type, description="KV cache element type."
+    )
+    kv_net: bool = Field(
+        KvNetConfig.enabled,
+        description="Share KV prefix chunks with peers and fetch the ones a prompt lacks.",
+    )
     kv_peer_min_score: float = Field(
-        KvNetConfig.min_score, ge=0.0, le=1.0, description="Fetch KV chunks only from peers whose reputation score is above this."
+        KvNetConfig.min_score,
+        ge=0.0,
+        le=1.0,
+        description="Fetch KV chunks only from peers whose reputation score is above this.",
     )
     kv_spot_check_rate: float = Field(
-        KvNetConfig.spot_check_rate, ge=0.0, le=1.0, description="Fraction of KV fetches recomputed locally to check the peer."
+        KvNetConfig.spot_check_rate,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of KV fetches recomputed locally to check the peer.",
     )
-    semantic: bool = Field(NodeOptions.semantic, description="Enable L1 (requests opt in with \"semantic\": true).")
+    semantic: bool = Field(
+        NodeOptions.semantic, description='Enable L1 (requests opt in with "semantic": true).'
+    )
     semantic_tau: float | None = Field(
-        None, ge=0.0, le=1.0, description=f"L1 cosine similarity a candidate needs (default {SemanticConfig.tau})."
+        None,
+        ge=0.0,
+        le=1.0,
+        description=f"L1 cosine similarity a candidate needs (default {SemanticConfig.tau}).",
     )
     semantic_margin: float | None = Field(
-        None, ge=0.0, description=f"L1 gate: nats per token the cached answer may lose (default {SemanticConfig.margin})."
+        None,
+        ge=0.0,
+        description="L1 gate: nats per token the cached answer may lose "
+        f"(default {SemanticConfig.margin}).",
     )
-    size_cap: int = Field(NodeOptions.size_cap, gt=0, description="Store size cap in bytes (or 4GiB, 512MB).")
-    max_queue: int = Field(16, ge=0, le=100_000, description="Requests that may wait for the model; more get 429.")
+    size_cap: int = Field(
+        NodeOptions.size_cap, gt=0, description="Store size cap in bytes (or 4GiB, 512MB)."
+    )
+    max_queue: int = Field(
+        16, ge=0, le=100_000, description="Requests that may wait for the model; more get 429."
+    )
     queue_timeout_s: float = Field(60.0, gt=0, description="Longest wait for the model before 503.")
-    max_tokens_limit: int = Field(ApiSettings.max_tokens_limit, ge=1, description="Largest max_tokens a request may ask for.")
-    default_max_tokens: int = Field(ApiSettings.default_max_tokens, ge=1, description="max_tokens when a request gives none.")
-    max_body_bytes: int = Field(ApiSettings.max_body_bytes, ge=1024, description="Largest HTTP request body (bytes or 1MiB).")
-    shutdown_timeout_s: float = Field(30.0, gt=0, description="On SIGTERM, how long in-flight requests may finish.")
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
-    log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line.")
-    admin_token: str | None = Field(None, description="If set, /admin/* and /metrics need 'Authorization: Bearer <token>'.")
+    max_tokens_limit: int = Field(
+        ApiSettings.max_tokens_limit, ge=1, description="Largest max_tokens a request may ask for."
+    )
+    default_max_tokens: int = Field(
+        ApiSettings.default_max_tokens, ge=1, description="max_tokens when a request gives none."
+    )
+    max_body_bytes: int = Field(
+        ApiSettings.max_body_bytes,
+        ge=1024,
+        description="Largest HTTP request body (bytes or 1MiB).",
+    )
+    shutdown_timeout_s: float = Field(
+        30.0, gt=0, description="On SIGTERM, how long in-flight requests may finish."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
+    log_format: Literal["json", "text"] = Field(
+        "json", description="json: one JSON object per line."
+    )
+    admin_token: str | None = Field(
+        None, description="If set, /admin/* and /metrics need 'Authorization: Bearer <token>'."
+    )
 
     @field_validator("http")
     @classmethod
@@ -153,7 +223,11 @@ class NodeConfig(BaseModel):
 
     def to_toml_dict(self) -> dict[str, Any]:
         """The config as TOML-writable values (None left out)."""
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.model_dump().items() if v is not None}
+        return {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in self.model_dump().items()
+            if v is not None
+        }
 
 
 FIELDS = tuple(NodeConfig.model_fields)
@@ -178,7 +252,13 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
             if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                 raise ConfigError(f"{env_name(key)}={raw!r}: expected true or false")
             out[key] = low in ("1", "true", "yes", "on")
-        elif raw.strip() == "" and key in ("model", "data_dir", "n_gpu_layers", "admin_token", "model_name"):
+        elif raw.strip() == "" and key in (
+            "model",
+            "data_dir",
+            "n_gpu_layers",
+            "admin_token",
+            "model_name",
+        ):
             continue
         else:
             out[key] = raw
@@ -200,7 +280,8 @@ def _from_toml(path: Path) -> dict[str, Any]:
         if key not in FIELDS:
             hint = difflib.get_close_matches(key, FIELDS, n=1)
             raise ConfigError(
-                f"{path}: unknown key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                f"{path}: unknown key {key!r}"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
                 + f"; known keys: {', '.join(FIELDS)}"
             )
         if isinstance(value, dict):
@@ -233,8 +314,11 @@ def load_config(
         for key, value in layer.items():
             merged[key] = value
             source[key] = (
-                f"env {env_name(key)}" if name == "environment"
-                else f"--{key.replace('_', '-')}" if name == "flags" else name
+                f"env {env_name(key)}"
+                if name == "environment"
+                else f"--{key.replace('_', '-')}"
+                if name == "flags"
+                else name
             )
     try:
         return NodeConfig(**merged)

@@ -1,6 +1,7 @@
 """A short, bounded workload against running nodes; reports where answers came from.
 
-    python -m p2pcache.node.workload --url http://127.0.0.1:18081 --url http://127.0.0.1:18082 [--prompts 4]
+    python -m p2pcache.node.workload --url http://127.0.0.1:18081 --url http://127.0.0.1:18082
+                                     [--prompts 4]
 
 Each prompt is asked on one node (computed, L3), again on the same node (L0), then on the
 next node, after waiting (bounded) until that node has heard the first node's advert: L2
@@ -45,18 +46,24 @@ def wait_healthy(urls: list[str], timeout_s: float) -> None:
             time.sleep(0.5)  # poll interval while the node starts
 
 
-def run(urls: list[str], prompts: int, max_tokens: int, deadline_s: float,
-        advert_wait_s: float = 15.0) -> dict[str, Any]:
+def run(
+    urls: list[str], prompts: int, max_tokens: int, deadline_s: float, advert_wait_s: float = 15.0
+) -> dict[str, Any]:
     deadline = time.monotonic() + deadline_s
     model = httpx.get(f"{urls[0]}/v1/models", timeout=10).json()["data"][0]["id"]
     # nodes with the network layer list p2p addresses; only they can hear adverts
-    networked = {u: bool(httpx.get(f"{u}/admin/status", timeout=10).json().get("addrs")) for u in urls}
+    networked = {
+        u: bool(httpx.get(f"{u}/admin/status", timeout=10).json().get("addrs")) for u in urls
+    }
     rows: list[dict[str, Any]] = []
     with httpx.Client(timeout=min(300.0, deadline_s)) as client:
         for i in range(prompts):
             q = PROMPTS[i % len(PROMPTS)] + (f" ({i // len(PROMPTS)})" if i >= len(PROMPTS) else "")
-            plan = [(urls[i % len(urls)], "first"), (urls[i % len(urls)], "same node"),
-                    (urls[(i + 1) % len(urls)], "other node")]
+            plan = [
+                (urls[i % len(urls)], "first"),
+                (urls[i % len(urls)], "same node"),
+                (urls[(i + 1) % len(urls)], "other node"),
+            ]
             key = None
             for url, what in plan:
                 if time.monotonic() > deadline:
@@ -65,14 +72,27 @@ def run(urls: list[str], prompts: int, max_tokens: int, deadline_s: float,
                     # wait (bounded) for the first node's advert to reach this one, so the
                     # answer can come from the peer (L2) rather than racing the gossip
                     wait_s = max(0.0, min(advert_wait_s, deadline - time.monotonic()))
-                    client.get(f"{url}/admin/providers", params={"key": key, "wait_s": wait_s},
-                               timeout=wait_s + 10)
-                body = {"model": model, "messages": [{"role": "user", "content": q}],
-                        "max_tokens": max_tokens, "share": True}
+                    client.get(
+                        f"{url}/admin/providers",
+                        params={"key": key, "wait_s": wait_s},
+                        timeout=wait_s + 10,
+                    )
+                body = {
+                    "model": model,
+                    "messages": [{"role": "user", "content": q}],
+                    "max_tokens": max_tokens,
+                    "share": True,
+                }
                 t0 = time.perf_counter()
                 r = client.post(f"{url}/v1/chat/completions", json=body)
                 ms = (time.perf_counter() - t0) * 1000
-                row = {"prompt": i, "node": url, "step": what, "status": r.status_code, "ms": round(ms, 2)}
+                row = {
+                    "prompt": i,
+                    "node": url,
+                    "step": what,
+                    "status": r.status_code,
+                    "ms": round(ms, 2),
+                }
                 if r.status_code == 200:
                     row["level"] = r.json()["x_cache"]["level"]
                     key = r.json()["x_cache"]["input_sha256"]
@@ -83,24 +103,41 @@ def run(urls: list[str], prompts: int, max_tokens: int, deadline_s: float,
     for row in rows:
         if "level" in row:
             levels.setdefault(row["level"], []).append(row["ms"])
-    summary = {lvl: {"count": len(v), "p50_ms": round(statistics.median(v), 2)} for lvl, v in sorted(levels.items())}
-    return {"requests": len(rows), "errors": sum(1 for r in rows if r["status"] != 200), "levels": summary, "rows": rows}
+    summary = {
+        lvl: {"count": len(v), "p50_ms": round(statistics.median(v), 2)}
+        for lvl, v in sorted(levels.items())
+    }
+    return {
+        "requests": len(rows),
+        "errors": sum(1 for r in rows if r["status"] != 200),
+        "levels": summary,
+        "rows": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", action="append", required=True, help="node HTTP URL (repeat for each node)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--url", action="append", required=True, help="node HTTP URL (repeat for each node)"
+    )
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--deadline-s", type=float, default=600.0)
-    ap.add_argument("--wait-s", type=float, default=300.0, help="wait this long for the nodes to be healthy")
+    ap.add_argument(
+        "--wait-s", type=float, default=300.0, help="wait this long for the nodes to be healthy"
+    )
     args = ap.parse_args(argv)
     urls = [u.rstrip("/") for u in args.url]
     wait_healthy(urls, args.wait_s)
     result = run(urls, args.prompts, args.max_tokens, args.deadline_s)
     for row in result["rows"]:
-        print(f"prompt {row['prompt']} {row['step']:<10} {row['node']:<28} {row.get('level', row['status'])} "
-              f"{row['ms']:>10.1f} ms")
+        print(
+            f"prompt {row['prompt']} {row['step']:<10} {row['node']:<28} "
+            f"{row.get('level', row['status'])} "
+            f"{row['ms']:>10.1f} ms"
+        )
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
     return 1 if result["errors"] else 0
 

@@ -126,7 +126,7 @@ class Resolver:
         self.computations = 0  # L3 runs, for tests and metrics
 
     async def keyed(self, request: Request) -> Keyed:
-        """Tokenize ``request`` on the model's worker (the backend is not thread-safe), key it."""
+        """Tokenize ``request`` off the event loop (`BackendWorker.run_text`) and key it."""
         backend = self.worker.backend
 
         def tokens() -> list[int]:
@@ -138,7 +138,7 @@ class Resolver:
             backend.check_fits(len(toks), request.params.max_tokens)
             return toks
 
-        toks = await self.worker.run(tokens, bounded=False)  # a cache hit is never refused
+        toks = await self.worker.run_text(tokens)
         return Keyed(
             request, toks, input_sha256(self.model_hash, toks, request.params), self.model_hash
         )

@@ -6,6 +6,14 @@ from p2pcache.semantic.index import SemanticIndex, SemanticRecord
 from p2pcache.semantic.tier import SemanticConfig, SemanticTier, request_text
 
 __all__ = [
-    "Embedder", "EmbedderUnavailable", "Gate", "GateConfig", "GateResult", "SemanticConfig",
-    "SemanticIndex", "SemanticRecord", "SemanticTier", "request_text",
+    "Embedder",
+    "EmbedderUnavailable",
+    "Gate",
+    "GateConfig",
+    "GateResult",
+    "SemanticConfig",
+    "SemanticIndex",
+    "SemanticRecord",
+    "SemanticTier",
+    "request_text",
 ]

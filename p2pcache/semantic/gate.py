@@ -58,14 +58,18 @@ class GateResult:
 
 class Gate:
     def __init__(
-        self, worker: BackendWorker, config: GateConfig = GateConfig(),
+        self,
+        worker: BackendWorker,
+        config: GateConfig = GateConfig(),
         similarity: WordSimilarity | None = None,
     ) -> None:
         self.worker = worker
         self.config = config
         self.similarity = similarity  # lets synonym swaps pass the lexical check
 
-    async def baseline(self, prompt_tokens: list[int], answer_tokens: list[int]) -> tuple[float, float, int]:
+    async def baseline(
+        self, prompt_tokens: list[int], answer_tokens: list[int]
+    ) -> tuple[float, float, int]:
         """(mean log-prob, argmax agreement, tokens scored) of the answer under its own prompt."""
         part = answer_tokens[: self.config.tokens]
         if not part:
@@ -89,7 +93,9 @@ class Gate:
     ) -> GateResult:
         t0 = time.perf_counter()
         # Off the event loop: a word swap is judged by one embedding (milliseconds).
-        if (rejected := await trio.to_thread.run_sync(self.check_lexical, new_text, old_text)) is not None:
+        if (
+            rejected := await trio.to_thread.run_sync(self.check_lexical, new_text, old_text)
+        ) is not None:
             rejected.ms = (time.perf_counter() - t0) * 1000
             return rejected
         if not self.config.model:
@@ -100,13 +106,22 @@ class Gate:
         s = await self.worker.score(new_tokens, part)
         delta = s.mean_logprob - base_logprob
         ok = delta >= -self.config.margin and s.argmax_agreement >= self.config.min_agreement
-        reason = "ok" if ok else (
-            f"log-prob fell {-delta:.2f} nats/token (margin {self.config.margin:g})"
-            if delta < -self.config.margin else
-            f"argmax agreement {s.argmax_agreement:.2f} < {self.config.min_agreement:g}"
+        reason = (
+            "ok"
+            if ok
+            else (
+                f"log-prob fell {-delta:.2f} nats/token (margin {self.config.margin:g})"
+                if delta < -self.config.margin
+                else f"argmax agreement {s.argmax_agreement:.2f} < {self.config.min_agreement:g}"
+            )
         )
         return GateResult(
-            accepted=ok, reason=reason, new_logprob=s.mean_logprob, base_logprob=base_logprob,
-            delta=delta, agreement=s.argmax_agreement, scored_tokens=len(part),
+            accepted=ok,
+            reason=reason,
+            new_logprob=s.mean_logprob,
+            base_logprob=base_logprob,
+            delta=delta,
+            agreement=s.argmax_agreement,
+            scored_tokens=len(part),
             ms=(time.perf_counter() - t0) * 1000,
         )

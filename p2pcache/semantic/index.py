@@ -125,8 +125,9 @@ class SemanticIndex:
         except FileNotFoundError:
             log.info("semantic index %s missing: rebuilding from LMDB", self.path.name)
         except (SnapshotCorrupt, RuntimeError, ValueError) as exc:
-            log.warning("semantic index %s unreadable (%s): rebuilding from LMDB",
-                        self.path.name, exc)
+            log.warning(
+                "semantic index %s unreadable (%s): rebuilding from LMDB", self.path.name, exc
+            )
         else:
             added = self._catch_up(index, next_id)
             if added:
@@ -161,7 +162,7 @@ class SemanticIndex:
         data = self.path.read_bytes()
         if not data.startswith(SNAPSHOT_MAGIC):
             raise SnapshotCorrupt("bad magic")
-        rest = data[len(SNAPSHOT_MAGIC):]
+        rest = data[len(SNAPSHOT_MAGIC) :]
         if len(rest) < 4:
             raise SnapshotCorrupt("truncated header")
         hlen = int.from_bytes(rest[:4], "big")
@@ -185,8 +186,13 @@ class SemanticIndex:
             payload = faiss.serialize_index(index).tobytes()
             next_id = self._next_id()
         header = msgpack.packb(
-            {"model_hash": self.model_hash, "dim": self.dim, "next_id": next_id,
-             "count": index.ntotal, "blake2b": hashlib.blake2b(payload, digest_size=16).digest()},
+            {
+                "model_hash": self.model_hash,
+                "dim": self.dim,
+                "next_id": next_id,
+                "count": index.ntotal,
+                "blake2b": hashlib.blake2b(payload, digest_size=16).digest(),
+            },
             use_bin_type=True,
         )
         tmp = self.path.with_suffix(".faiss.tmp")
@@ -257,8 +263,9 @@ class SemanticIndex:
             except lmdb.Error as exc:
                 raise RuntimeError(f"could not store the semantic record: {exc}") from exc
             self._ensure_kind(self.index.ntotal + 1)
-            self.index.add_with_ids(rec.vec()[None, :].astype(np.float32),
-                                    np.asarray([fid], dtype=np.int64))
+            self.index.add_with_ids(
+                rec.vec()[None, :].astype(np.float32), np.asarray([fid], dtype=np.int64)
+            )
             self._unsaved += 1
             if self._unsaved >= self.save_every:
                 self._write_snapshot()
@@ -301,8 +308,9 @@ class SemanticIndex:
         with self._lock:
             if self.index.ntotal == 0:
                 return []
-            sims, ids = self.index.search(vector.reshape(1, -1).astype(np.float32),
-                                          min(k, self.index.ntotal))
+            sims, ids = self.index.search(
+                vector.reshape(1, -1).astype(np.float32), min(k, self.index.ntotal)
+            )
         out = []
         for sim, fid in zip(sims[0].tolist(), ids[0].tolist(), strict=True):
             if fid < 0:

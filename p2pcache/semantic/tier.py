@@ -75,8 +75,9 @@ def phrase_similarity(embedder: Embedder, cache_size: int = 4096) -> WordSimilar
 
 
 def _canonical_params(params: dict[str, Any]) -> bytes:
-    return msgpack.packb(msgpack.unpackb(msgpack.packb(params, use_bin_type=True), raw=False),
-                         use_bin_type=True)
+    return msgpack.packb(
+        msgpack.unpackb(msgpack.packb(params, use_bin_type=True), raw=False), use_bin_type=True
+    )
 
 
 class SemanticTier:
@@ -97,12 +98,22 @@ class SemanticTier:
         self.config = config
         self.embedder = embedder or Embedder()
         self.index = SemanticIndex(
-            store, directory, model_hash, self.embedder.dim,
-            hnsw_threshold=config.hnsw_threshold, save_every=config.save_every,
+            store,
+            directory,
+            model_hash,
+            self.embedder.dim,
+            hnsw_threshold=config.hnsw_threshold,
+            save_every=config.save_every,
         )
-        self.gate = Gate(worker, GateConfig(
-            margin=config.margin, tokens=config.gate_tokens, lexical=config.lexical,
-        ), similarity=phrase_similarity(self.embedder))
+        self.gate = Gate(
+            worker,
+            GateConfig(
+                margin=config.margin,
+                tokens=config.gate_tokens,
+                lexical=config.lexical,
+            ),
+            similarity=phrase_similarity(self.embedder),
+        )
         self.hits = 0
         self.gate_rejections = 0
         self.last_gate: GateResult | None = None  # the last candidate's verdict (tests, logs)
@@ -122,7 +133,11 @@ class SemanticTier:
         for sim, rec in self.index.search(vec, self.config.k):
             if sim < self.config.tau or gated >= self.config.max_gated:
                 break
-            if rec.context != ctx or rec.input_sha256 == keyed.key or rec.model_hash != keyed.model_hash:
+            if (
+                rec.context != ctx
+                or rec.input_sha256 == keyed.key
+                or rec.model_hash != keyed.model_hash
+            ):
                 continue
             entry = self.store.get(rec.input_sha256)
             if entry is None:
@@ -135,8 +150,12 @@ class SemanticTier:
             else:
                 gated += 1
                 result = await self.gate.check(
-                    text, keyed.tokens, rec.text, list(entry.output.tokens),
-                    rec.base_logprob, rec.gate_tokens,
+                    text,
+                    keyed.tokens,
+                    rec.text,
+                    list(entry.output.tokens),
+                    rec.base_logprob,
+                    rec.gate_tokens,
                 )
                 self.last_gate = result
                 if not result.accepted:
@@ -145,13 +164,18 @@ class SemanticTier:
                     continue
             self.store.record_hit(rec.input_sha256)
             self.hits += 1
-            return answer_from_output(entry.output, keyed, self.level, semantic=SemanticDetails(
-                similarity=sim,
-                tau=self.config.tau,
-                source_input_sha256=rec.input_sha256,
-                source_prompt=rec.text,
-                gate=result.to_dict() if result is not None else None,
-            ))
+            return answer_from_output(
+                entry.output,
+                keyed,
+                self.level,
+                semantic=SemanticDetails(
+                    similarity=sim,
+                    tau=self.config.tau,
+                    source_input_sha256=rec.input_sha256,
+                    source_prompt=rec.text,
+                    gate=result.to_dict() if result is not None else None,
+                ),
+            )
         return None
 
     async def on_stored(self, keyed: Keyed, entry: Entry) -> None:
@@ -159,18 +183,29 @@ class SemanticTier:
         text, ctx = request_text(keyed.request)
         vec = await self.embed(text)
         base_lp, base_agree, n = await self.gate.baseline(keyed.tokens, list(entry.output.tokens))
-        rec = await trio.to_thread.run_sync(lambda: self.index.add({
-            "input_sha256": entry.input_sha256, "model_hash": entry.model_hash, "text": text,
-            "context": ctx, "vector": vec.astype("float32").tobytes(), "base_logprob": base_lp,
-            "base_agreement": base_agree, "gate_tokens": n,
-        }))
+        rec = await trio.to_thread.run_sync(
+            lambda: self.index.add(
+                {
+                    "input_sha256": entry.input_sha256,
+                    "model_hash": entry.model_hash,
+                    "text": text,
+                    "context": ctx,
+                    "vector": vec.astype("float32").tobytes(),
+                    "base_logprob": base_lp,
+                    "base_agreement": base_agree,
+                    "gate_tokens": n,
+                }
+            )
+        )
         stored = self.store.get(entry.input_sha256)
         if stored is not None and stored.embedding != rec.faiss_id:
             stored.embedding = rec.faiss_id  # the design's entry.embedding = FAISS id
             try:
                 await trio.to_thread.run_sync(self.store.put, stored)
             except StoreError as exc:
-                log.warning("could not record the embedding id of %s: %s", entry.input_sha256[:12], exc)
+                log.warning(
+                    "could not record the embedding id of %s: %s", entry.input_sha256[:12], exc
+                )
 
     def close(self) -> None:
         self.index.close()

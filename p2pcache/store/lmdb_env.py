@@ -89,22 +89,35 @@ class LmdbEnv:
     Thread-safe: LMDB transactions are; the registry and the close hooks have a lock.
     """
 
-    def __init__(self, path: str | Path, *, map_size: int = 10 << 20, durable: bool = True,
-                 readonly: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        map_size: int = 10 << 20,
+        durable: bool = True,
+        readonly: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.readonly = readonly
         if readonly:
             # LMDB readers never block the writer: a running node's store may be read.
             if not (self.path / "data.mdb").exists():
                 raise FileNotFoundError(f"no store at {self.path}")
-            self._env = lmdb.open(str(self.path), readonly=True, max_dbs=MAX_DBS, lock=True,
-                                  readahead=False)
+            self._env = lmdb.open(
+                str(self.path), readonly=True, max_dbs=MAX_DBS, lock=True, readahead=False
+            )
         else:
             self.path.mkdir(parents=True, exist_ok=True)
             # sync/metasync off trades the last commits on power loss for speed (tests,
             # benches); a crash of the process alone loses nothing either way.
-            self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=MAX_DBS,
-                                  sync=durable, metasync=durable, readahead=False)
+            self._env = lmdb.open(
+                str(self.path),
+                map_size=map_size,
+                max_dbs=MAX_DBS,
+                sync=durable,
+                metasync=durable,
+                readahead=False,
+            )
         self.map_size: int = self._env.info()["map_size"]
         self._lock = threading.Lock()
         self._owners: dict[str, str] = {}  # database name -> tenant
@@ -134,7 +147,8 @@ class LmdbEnv:
                 owner = self._owners.get(name)
                 if owner is not None:
                     raise DuplicateDatabase(
-                        f"database {name!r} of {schema.tenant} belongs to {owner}")
+                        f"database {name!r} of {schema.tenant} belongs to {owner}"
+                    )
             dbs = Databases(self, schema, self._open_handles(schema))
             self._opened[schema.tenant] = dbs
             self._owners.update(dict.fromkeys(schema.names, schema.tenant))
@@ -149,8 +163,9 @@ class LmdbEnv:
         with self._env.begin(write=True) as txn:
             return {n: self._env.open_db(n.encode(), txn=txn) for n in schema.names}
 
-    def begin(self, *, write: bool = False, db: Database | None = None,
-              buffers: bool = False) -> lmdb.Transaction:
+    def begin(
+        self, *, write: bool = False, db: Database | None = None, buffers: bool = False
+    ) -> lmdb.Transaction:
         return self._env.begin(write=write, db=db, buffers=buffers)
 
     # -- lifecycle -----------------------------------------------------------------------

@@ -233,7 +233,8 @@ class Store:
         value = _encode_sized(entry)
         if len(value) > self._byte_budget:
             raise EntryTooLarge(
-                f"entry of {len(value)} bytes exceeds the store's budget of {self._byte_budget}")
+                f"entry of {len(value)} bytes exceeds the store's budget of {self._byte_budget}"
+            )
         self.flush_hits()
         # LMDB reuses freed pages only after the freeing transaction commits, so when the map
         # (the disk budget) is full we evict in a transaction of its own, then retry.
@@ -279,9 +280,11 @@ class Store:
     def purge(self, model_hash: str | None = None) -> int:
         """Delete every entry (of one model, if given). Returns how many were deleted."""
         self.flush_hits()
-        keys = [
-            bytes.fromhex(e.input_sha256) for e in self.iter_entries(model_hash)
-        ] if model_hash else None
+        keys = (
+            [bytes.fromhex(e.input_sha256) for e in self.iter_entries(model_hash)]
+            if model_hash
+            else None
+        )
         with self.env.begin(write=True) as txn:
             if keys is None:
                 n = self._counters.get(txn, "entries")

@@ -50,8 +50,13 @@ class Entry:
     def signing_payload(self) -> bytes:
         """The bytes a producer signs: binds the output to the key and the model."""
         return msgpack.packb(
-            [b"otd-entry-v1", self.input_sha256, self.model_hash, self.cache_level,
-             self.output.sha256()],
+            [
+                b"otd-entry-v1",
+                self.input_sha256,
+                self.model_hash,
+                self.cache_level,
+                self.output.sha256(),
+            ],
             use_bin_type=True,
         )
 
