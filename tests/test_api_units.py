@@ -183,8 +183,15 @@ class FakeResolver:
 
 
 def context(tmp_path: Path, fail: BaseException | None = None, **settings: Any) -> NodeContext:
+    async def run_text(fn: Any) -> Any:
+        return fn()
+
     worker = SimpleNamespace(
-        waiting=0, running=False, max_waiting=None, backend=SimpleNamespace(detokenize_bytes=detok)
+        waiting=0,
+        running=False,
+        max_waiting=None,
+        backend=SimpleNamespace(detokenize_bytes=detok),
+        run_text=run_text,
     )
     store = SimpleNamespace(stats=lambda: SimpleNamespace(entries=0, bytes=0))
     return NodeContext(

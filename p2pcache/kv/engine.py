@@ -343,7 +343,9 @@ class KvPrefixCache:
         known = self.chunks.present(
             [prompt_hashes[i] for i in candidates if i < len(prompt_hashes)]
         )
-        want = {i for i, k in zip(candidates, known, strict=True) if not k} | {
+        # ``known`` covers the prompt's chunks only (the first candidates); the answer's
+        # chunks (past the prompt) are always wanted.
+        want = {i for i, k in zip(candidates, known, strict=False) if not k} | {
             i for i in candidates if i >= len(prompt_hashes)
         }
         swa_rows: dict[int, list[tuple[bytes, bytes]]] = {}
