@@ -38,7 +38,7 @@ from p2pcache.kv.state_format import (
     parse_state,
     v_cells,
 )
-from p2pcache.store.records import now_ms
+from p2pcache.store import now_ms
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from p2pcache.errors import AdRejected  # noqa: F401 - re-exported
 from p2pcache.identity import Identity
 from p2pcache.net.config import DirectoryConfig
 from p2pcache.net.peer_keys import canonical, verify_by_peer
+from p2pcache.store import now_ms
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def make_advert(
         model_hash,
         identity.peer_id,
         tuple(addrs)[:MAX_ADDRS],
-        ts if ts is not None else int(time.time() * 1000),
+        ts if ts is not None else now_ms(),
         seq,
         tuple(entries),
     )

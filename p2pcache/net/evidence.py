@@ -11,7 +11,6 @@ accusation costs the accuser).
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,7 @@ from p2pcache.identity import Identity
 from p2pcache.keys import SamplingParams, input_sha256
 from p2pcache.net.fetch import BadResponse, ResponseHeader, entry_from_wire
 from p2pcache.net.peer_keys import canonical, verify_by_peer
-from p2pcache.store import Entry
+from p2pcache.store import Entry, now_ms
 
 EVIDENCE_VERSION = 1
 MAX_EVIDENCE_BYTES = 1024 * 1024
@@ -97,7 +96,7 @@ def make_evidence(
     ev = Evidence(
         header.model_hash,
         identity.peer_id,
-        int(time.time() * 1000),
+        now_ms(),
         header,
         bytes(body),
         tuple(int(t) for t in prompt),

@@ -53,7 +53,7 @@ from p2pcache.net.wire import (
     WireError,
     pack_msg,
 )
-from p2pcache.store import Entry, Output, Store
+from p2pcache.store import Entry, Output, Store, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +409,7 @@ class FetchServer:
             self._digest(req, body),
             peer,
             self.identity.peer_id,
-            int(time.time() * 1000),
+            now_ms(),
         )
         header = ResponseHeader(**{**header.__dict__, "sig": self.identity.sign(header.payload())})
         await stream.write(pack_msg(header.to_msg()))
