@@ -60,7 +60,7 @@ def bench_verify(runs: int, sizes: list[int]) -> list[dict[str, Any]]:
     from p2pcache.backend import BackendConfig, LlamaBackend, resolve_model_path
     from p2pcache.identity import Identity
     from p2pcache.keys import ModelHashMemo, SamplingParams, input_sha256, model_hash
-    from p2pcache.net.verify import BackendScorer, verify_decoder_final
+    from p2pcache.net.verify import verify_decoder_final
     from p2pcache.store import Entry, Output
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-l2-"))
@@ -69,14 +69,20 @@ def bench_verify(runs: int, sizes: list[int]) -> list[dict[str, Any]]:
     backend = LlamaBackend(BackendConfig(model_path=path, n_ctx=4096))
     producer = Identity.load_or_create(tmp / "producer.key")
 
-    class Recording(BackendScorer):  # keeps the last checks: the honest logit gaps, for the table
+    class Recording:  # the backend, keeping the last checks: the honest logit gaps, for the table
         last: Any = None
+
+        def __init__(self, backend: LlamaBackend) -> None:
+            self.backend = backend
 
         def check(
             self, prompt: Any, completion: Any, top_k: int = 0, logprob_floor: Any = None
         ) -> Any:
-            self.last = super().check(prompt, completion, top_k, logprob_floor)
+            self.last = self.backend.check(prompt, completion, top_k, logprob_floor)
             return self.last
+
+        def __getattr__(self, name: str) -> Any:  # detokenize, is_eog, eog_token
+            return getattr(self.backend, name)
 
     scorer = Recording(backend)
     rows = []

@@ -14,7 +14,7 @@ import pytest
 from p2pcache.backend import LlamaBackend, Score
 from p2pcache.identity import Identity
 from p2pcache.keys import SamplingParams, input_sha256
-from p2pcache.net.verify import BackendScorer, VerifyConfig, verify_decoder_final
+from p2pcache.net.verify import VerifyConfig, verify_decoder_final
 from p2pcache.store import Entry, Output
 
 pytestmark = pytest.mark.model
@@ -68,7 +68,7 @@ def new_rules(
         prompt_tokens=len(prompt),
     )
     entry.signature = producer.sign(entry.signing_payload())
-    v = verify_decoder_final(BackendScorer(backend), entry, key, MH, prompt, params, config)
+    v = verify_decoder_final(backend, entry, key, MH, prompt, params, config)
     assert v.reason != "text does not match the tokens", v  # the model part must have run
     return v.ok, v.position
 

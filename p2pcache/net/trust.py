@@ -177,9 +177,9 @@ class Trust:
         self._gossip = gossip
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.rep.run)  # writes reputation off the loop
+                # Writes reputation off the loop, and once more (shielded) when cancelled.
+                nursery.start_soon(self.rep.run)
                 nursery.start_soon(self._check_evidence)
                 task_status.started()
         finally:
             self._gossip = None
-            self.rep.flush()  # what changed after the flusher's last write

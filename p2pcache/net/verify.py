@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from p2pcache.backend import BackendWorker, LlamaBackend, stop_cut
+from p2pcache.backend import BackendWorker, stop_cut
 from p2pcache.keys import SamplingParams, input_sha256
 from p2pcache.net.config import VerifyConfig
 from p2pcache.net.peer_keys import verify_by_peer
@@ -41,7 +41,7 @@ class ChecksLike(Protocol):
 
 
 class Scorer(Protocol):
-    """What verification needs from the local model (`LlamaBackend` implements it)."""
+    """What verification needs from the local model (`LlamaBackend` is one)."""
 
     def check(
         self,
@@ -65,32 +65,6 @@ class Verdict:
     reason: str
     position: int = -1  # first failing completion position, -1 if none or not positional
     ms: float = 0.0
-
-
-class BackendScorer:
-    """`Scorer` on a `LlamaBackend`'s public methods (run it on the model's worker thread)."""
-
-    def __init__(self, backend: LlamaBackend) -> None:
-        self.backend = backend
-
-    def check(
-        self,
-        prompt: Sequence[int],
-        completion: Sequence[int],
-        top_k: int = 0,
-        logprob_floor: float | None = None,
-    ) -> ChecksLike:
-        return self.backend.check(prompt, completion, top_k=top_k, logprob_floor=logprob_floor)
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return self.backend.detokenize(tokens)
-
-    def is_eog(self, token: int) -> bool:
-        return self.backend.is_eog(token)
-
-    @property
-    def eog_token(self) -> int:
-        return self.backend.eog_token
 
 
 def check_static(
@@ -200,9 +174,9 @@ class ModelVerifier:
     async def verify(
         self, entry: Entry, key: str, prompt: Sequence[int], params: SamplingParams
     ) -> Verdict:
-        scorer = BackendScorer(self.worker.backend)
+        backend = self.worker.backend
         return await self.worker.run(
             lambda: verify_decoder_final(
-                scorer, entry, key, self.model_hash, list(prompt), params, self.config
+                backend, entry, key, self.model_hash, list(prompt), params, self.config
             )
         )
