@@ -9,8 +9,18 @@
 3. Gate cost: the gate's time (embed + search + teacher-forced prefill) against generating the
    answer, for the QA answers of the set and for 64-token answers.
 
+0. Adversarial near-misses, dev vs holdout side by side (`adversarial_table`): the pairs of
+   tests/data/l1_adversarial.jsonl (split dev / holdout, 20 kinds of one-word near-miss and
+   paraphrases) with the near-misses and paraphrases of semantic_pairs.jsonl (dev: the rules
+   were tuned on it) and semantic_pairs_heldout.jsonl (holdout). Every cached prompt in one
+   index; each query is gated as SemanticTier.lookup does (FAISS top-k >= tau, at most
+   max_gated candidates through lexical + model gate), so a near-miss also counts as a false
+   hit when it is served *another* cached answer. Also the pairwise false-hit rate (only the
+   pair's own cached prompt) and the lexical rules alone without tau (the worst case: a
+   cached prompt that an embedding puts above tau).
+
 Usage: flock -x /tmp/p2pcache-bench.lock .venv/bin/python bench/bench_semantic.py \
-           [--pairs tests/data/semantic_pairs_heldout.jsonl] [--limit N]
+           [--adversarial-only] [--pairs tests/data/semantic_pairs_heldout.jsonl] [--limit N]
 """
 
 from __future__ import annotations
@@ -30,7 +40,10 @@ from p2pcache.semantic.gate import DEFAULT_MARGIN
 from p2pcache.semantic.lexical import lexical_reject
 from p2pcache.semantic.tier import DEFAULT_TAU, phrase_similarity
 
-PAIRS = Path(__file__).resolve().parent.parent / "tests" / "data" / "semantic_pairs.jsonl"
+DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
+PAIRS = DATA / "semantic_pairs.jsonl"
+ADVERSARIAL = DATA / "l1_adversarial.jsonl"
+SPLIT_OF = {"semantic_pairs.jsonl": "dev", "semantic_pairs_heldout.jsonl": "holdout"}
 PARAMS = SamplingParams(max_tokens=48, stop=("\n",))
 
 
@@ -38,11 +51,160 @@ def qa(text: str) -> str:
     return f"Question: {text}\nAnswer:"
 
 
+def load_adversarial() -> list[dict]:
+    """The adversarial set plus the near-misses and paraphrases of the two older sets, each
+    row with its split; the older sets' near-miss kinds are prefixed "older:"."""
+    rows = [json.loads(line) for line in ADVERSARIAL.read_text().splitlines() if line.strip()]
+    for name, split in SPLIT_OF.items():
+        for line in (DATA / name).read_text().splitlines():
+            r = json.loads(line)
+            if r["label"] == "unrelated":
+                continue  # their queries are other pairs' paraphrases
+            kind = r["kind"] if r["label"] == "paraphrase" else f"older:{r['kind']}"
+            rows.append({**r, "split": split, "kind": kind, "source": name})
+    return rows
+
+
+def adversarial_table(node: LocalNode) -> None:
+    tier = node.semantic
+    assert tier is not None
+    rows = load_adversarial()
+    cached = sorted({r["cached"] for r in rows})
+    t0 = time.perf_counter()
+    answers: dict[str, list[int]] = {}
+    for text in cached:
+        a = trio.run(node.resolve, Request(prompt=qa(text), params=PARAMS, semantic=True))
+        answers[qa(text)] = a.tokens
+    fill_s = time.perf_counter() - t0
+    emb, cfg = tier.embedder, tier.config
+    similarity = phrase_similarity(emb)
+    rec_of = {r.text: r for r in tier.index.records()}
+    lex_memo: dict[tuple[str, str], str | None] = {}
+    model_memo: dict[tuple[str, str], bool] = {}
+
+    def lexical(query: str, cached_text: str) -> str | None:
+        key = (query, cached_text)
+        if key not in lex_memo:
+            lex_memo[key] = lexical_reject(qa(query), cached_text, similarity)
+        return lex_memo[key]
+
+    def model_ok(query: str, rec) -> bool:  # type: ignore[no-untyped-def]
+        key = (query, rec.text)
+        if key not in model_memo:
+            s_ = node.backend.score(
+                node.backend.tokenize(qa(query)), answers[rec.text][: rec.gate_tokens]
+            )
+            model_memo[key] = s_.mean_logprob - rec.base_logprob >= -cfg.margin
+        return model_memo[key]
+
+    def gate(query: str, rec) -> bool:  # type: ignore[no-untyped-def]
+        return lexical(query, rec.text) is None and model_ok(query, rec)
+
+    t0 = time.perf_counter()
+    for r in rows:
+        vec = emb.embed_one(qa(r["query"]))
+        own = rec_of[qa(r["cached"])]
+        r["sim"] = float(np.dot(vec, own.vec()))
+        r["lexical"] = lexical(r["query"], own.text)
+        r["pairwise"] = r["sim"] >= cfg.tau and gate(r["query"], own)
+        served = None  # the ladder: neighbours above tau, at most max_gated through the gate
+        gated = 0
+        for sim, rec in tier.index.search(vec, cfg.k):
+            if sim < cfg.tau or gated >= cfg.max_gated:
+                break
+            gated += 1
+            if gate(r["query"], rec):
+                served = rec
+                break
+        r["served"] = served is not None
+        r["right"] = served is not None and served.text == qa(r["cached"])
+    gate_s = time.perf_counter() - t0
+
+    def cell(split: str, kind: str | None, label: str, key: str) -> str:
+        sel = [
+            r
+            for r in rows
+            if r["split"] == split and r["label"] == label and kind in (None, r["kind"])
+        ]
+        if not sel:
+            return "-"
+        if key == "lexical_alone":
+            n = sum(r["lexical"] is None for r in sel)
+        elif label == "paraphrase" and key == "served":
+            n = sum(r["right"] for r in sel)  # served its own answer
+        else:
+            n = sum(bool(r[key]) for r in sel)
+        return f"{n}/{len(sel)} ({n / len(sel):.1%})"
+
+    near_kinds = sorted({r["kind"] for r in rows if r["label"] == "near_miss"})
+    print(
+        f"\n## Adversarial near-misses: dev vs holdout (tau {cfg.tau}, margin {cfg.margin}, "
+        f"k {cfg.k}, max_gated {cfg.max_gated}; {len(cached)} cached prompts in one index)\n"
+    )
+    print(
+        "served = the ladder served the query a cached answer (index-wide); pairwise = only the "
+        "pair's own cached prompt; lexical alone = the lexical rules pass it at any similarity.\n"
+    )
+    print(
+        "| kind | dev: false hits (served) | dev: pairwise | dev: lexical alone "
+        "| holdout: false hits (served) | holdout: pairwise | holdout: lexical alone |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for kind in [*near_kinds, None]:
+        name = "**all near-misses**" if kind is None else kind
+        cells = [
+            cell(split, kind, "near_miss", key)
+            for split in ("dev", "holdout")
+            for key in ("served", "pairwise", "lexical_alone")
+        ]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    for source in (None, *SPLIT_OF):
+        sub = [r for r in rows if r["label"] == "paraphrase" and r.get("source") == source]
+        name = "l1_adversarial.jsonl" if source is None else source
+        cells = []
+        for split in ("dev", "holdout"):
+            sel = [r for r in sub if r["split"] == split]
+            for key in ("right", "pairwise", "lexical_alone"):
+                if not sel:
+                    cells.append("-")
+                    continue
+                n = sum(
+                    (r["lexical"] is None) if key == "lexical_alone" else bool(r[key]) for r in sel
+                )
+                cells.append(f"{n}/{len(sel)} ({n / len(sel):.1%})")
+        print(f"| paraphrases served, {name} | " + " | ".join(cells) + " |")
+    print(
+        "| **paraphrases served, all** | "
+        + " | ".join(
+            cell(split, None, "paraphrase", key)
+            for split in ("dev", "holdout")
+            for key in ("served", "pairwise", "lexical_alone")
+        )
+        + " |"
+    )
+    print(
+        f"\n(filling the cache: {fill_s:.0f} s; gating {len(rows)} queries: {gate_s:.0f} s, "
+        f"{len(model_memo)} model scores)"
+    )
+    for r in rows:
+        if r["label"] == "near_miss" and r["served"] and r["split"] == "dev":
+            print(f"  dev false hit: [{r['kind']}] {r['cached']!r} -> {r['query']!r}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument(
+        "--adversarial-only", action="store_true", help="only the dev / holdout near-miss table"
+    )
     ap.add_argument("--limit", type=int, default=0, help="only the first N pairs of each label")
     ap.add_argument("--pairs", type=Path, default=PAIRS, help="labelled pairs (JSON lines)")
     args = ap.parse_args()
+    if args.adversarial_only:
+        tmp = Path(tempfile.mkdtemp(prefix="bench-semantic-"))
+        node = LocalNode.open(NodeOptions(data_dir=tmp, semantic=True, n_ctx=2048, durable=False))
+        adversarial_table(node)
+        node.close()
+        return
     pairs = [json.loads(line) for line in args.pairs.read_text().splitlines() if line.strip()]
     if args.limit:
         by: dict[str, list] = {}
@@ -321,6 +483,8 @@ def main() -> None:
             f"{statistics.median(r[2] for r in long_rows):.0f} "
             f"| {statistics.median(r[2] / r[1] for r in long_rows):.2f} |"
         )
+    # Last: it adds the adversarial set's prompts to the index the sections above measured.
+    adversarial_table(node)
     node.close()
     print(f"\n(scores per pair: {tmp / 'pair_scores.json'})")
 

@@ -39,7 +39,8 @@ P2PCacheError
 │       └── EvidenceRejected
 └── NodeError                            talking to a node process (CLI, cluster tools)
     ├── NodeUnreachable
-    └── NodeStartError
+    ├── NodeStartError
+    └── StartupError                     this node cannot start (one line: what, and the fix)
 ```
 """
 
@@ -204,3 +205,9 @@ class NodeUnreachable(NodeError):
 
 class NodeStartError(NodeError):
     """A node process did not come up."""
+
+
+class StartupError(NodeError):
+    """This node cannot start: a port is taken, the data dir is not writable, the disk is
+    full, the model file is missing... The message is one line that says what failed and how
+    to fix it; the CLI prints it without a traceback."""

@@ -90,6 +90,18 @@ class NodeMetrics:
             ["reason"],
             registry=r,
         )
+        self.draft_outcomes = Counter(
+            "p2pcache_draft_outcomes",
+            "Peer answers walked as drafts, by outcome (match, near_tie, lie, malformed).",
+            ["outcome"],
+            registry=r,
+        )
+        self.draft_accepted = Histogram(
+            "p2pcache_draft_accepted_tokens",
+            "Tokens of a peer's answer accepted before the first divergence (or all).",
+            registry=r,
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
+        )
         self.bytes_fetched = Counter(
             "p2pcache_bytes_fetched", "Bytes fetched from peers.", registry=r
         )

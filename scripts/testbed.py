@@ -16,6 +16,7 @@ or 1 if a node failed.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,7 @@ class NodeSpec:
 class Plan:
     nodes: list[NodeSpec]  # in start order
     client_command: list[str]
+    client_env: dict[str, str] = field(default_factory=dict)  # e.g. the admin token
 
     def url_map(self, offset: int = 0) -> dict[str, str]:
         return {
@@ -67,6 +69,7 @@ def plan_from_compose(path: Path) -> Plan:
     services: dict[str, Any] = doc["services"]
     specs: dict[str, NodeSpec] = {}
     client: list[str] | None = None
+    client_env: dict[str, str] = {}
     for name, svc in services.items():
         env = {str(k): str(v) for k, v in (svc.get("environment") or {}).items()}
         deps = list(svc.get("depends_on") or [])
@@ -81,6 +84,7 @@ def plan_from_compose(path: Path) -> Plan:
             )
         elif name == "client":
             client = [*svc.get("entrypoint", []), *svc.get("command", [])]
+            client_env = env
     if client is None:
         raise ValueError(f"{path} has no client service")
     order: list[NodeSpec] = []
@@ -99,7 +103,7 @@ def plan_from_compose(path: Path) -> Plan:
 
     for n in specs:
         visit(n)
-    return Plan(order, client)
+    return Plan(order, client, client_env)
 
 
 def rewrite(value: str, urls: dict[str, str]) -> str:
@@ -149,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         if command[0] == "python":
             command[0] = sys.executable
         print("client:", " ".join(command), flush=True)
-        code = subprocess.run(command, timeout=args.client_timeout, cwd=REPO).returncode
+        client_env = {**os.environ, **plan.client_env}
+        code = subprocess.run(
+            command, timeout=args.client_timeout, cwd=REPO, env=client_env
+        ).returncode
     except NodeStartError as exc:
         print(f"testbed: {exc}", file=sys.stderr)
     finally:

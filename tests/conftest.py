@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,8 +11,23 @@ import pytest
 from p2pcache.backend import BackendConfig, BackendWorker, LlamaBackend, default_model_path
 from p2pcache.identity import Identity
 from p2pcache.keys import model_hash
+from p2pcache.paths import HOME_ENV
 from p2pcache.resolver import Resolver
 from p2pcache.store import Store
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cli_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Nodes the tests start record themselves for the CLI (last-node.json): in a temp dir,
+    never in the user's ~/.config (node processes inherit the environment)."""
+    home = tmp_path_factory.mktemp("cli-home")
+    before = os.environ.get(HOME_ENV)
+    os.environ[HOME_ENV] = str(home)
+    yield home
+    if before is None:
+        os.environ.pop(HOME_ENV, None)
+    else:
+        os.environ[HOME_ENV] = before
 
 
 @pytest.fixture(scope="session")

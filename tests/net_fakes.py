@@ -8,6 +8,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from p2pcache.backend import Divergence, DraftOutcome, Generation
 from p2pcache.identity import Identity
 from p2pcache.keys import SamplingParams
 from p2pcache.net.ads import AdEntry, Provider
@@ -95,10 +96,20 @@ class FakeJudge:
     def record(self, peer_id: str) -> PeerRecord:
         return self.records(peer_id)
 
+    near_ties: list[tuple[str, int]] = field(default_factory=list)
+
     def fetched(
-        self, peer_id: str, nbytes: int, seconds: float, ttfb_s: float | None = None
+        self,
+        peer_id: str,
+        nbytes: int,
+        seconds: float,
+        ttfb_s: float | None = None,
+        draft_tokens: int = 0,
     ) -> None:
         self.successes.append(peer_id)
+
+    def near_tie(self, peer_id: str, draft_tokens: int) -> None:
+        self.near_ties.append((peer_id, draft_tokens))
 
     def fetch_failed(self, peer_id: str, exc: FetchError) -> bool:
         self.failures.append((peer_id, type(exc).__name__))
@@ -108,20 +119,43 @@ class FakeJudge:
         self.convicted.append((peer_id, reason, proof))
 
 
+LOCAL_TOKENS = [9, 8]  # what the fake local model answers after a divergence at token 0
+
+
 @dataclass
 class FakeVerifier:
-    """`Verifier`: an entry is right unless its producer is in ``liars``."""
+    """`Verifier`: an entry is the local answer unless its producer is in ``liars`` (it
+    diverges at token 0, outside the noise: the local answer is `LOCAL_TOKENS`), in
+    ``near_ties`` (the same, within the noise) or in ``malformed`` (refused unread)."""
 
     liars: set[str] = field(default_factory=set)
+    near_ties: set[str] = field(default_factory=set)
+    malformed: set[str] = field(default_factory=set)
     checked: list[str] = field(default_factory=list)
 
     async def verify(
-        self, entry: Entry, key: str, prompt: Sequence[int], params: SamplingParams
+        self,
+        entry: Entry,
+        key: str,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        *,
+        tail: bool = True,
     ) -> Verdict:
         self.checked.append(entry.producer)
-        if entry.producer in self.liars:
-            return Verdict(False, "token 0 is not the local argmax", 0, 1.0)
-        return Verdict(True, "verified", -1, 2.0)
+        draft = list(entry.output.tokens)
+        if entry.producer in self.malformed:
+            return Verdict("malformed", "bad producer signature", ms=0.5)
+        if entry.producer in self.liars | self.near_ties:
+            lie = entry.producer in self.liars
+            div = Divergence(0, draft[0], LOCAL_TOKENS[0], 5.0 if lie else 0.01, 3 if lie else 1)
+            gen = Generation(LOCAL_TOKENS, "local", "stop", len(prompt), 1.0, 1.0)
+            out = DraftOutcome(gen if tail else None, 0, div, len(draft), 1.0)
+            return Verdict("lie" if lie else "near_tie", "token 0: claimed, local", 0, 1.0, out)
+        gen = Generation(draft, entry.output.text, entry.output.finish_reason, len(prompt), 2.0, 0)
+        return Verdict(
+            "match", "verified", -1, 2.0, DraftOutcome(gen, len(draft), None, len(draft), 2.0)
+        )
 
 
 @dataclass

@@ -5,7 +5,8 @@ model for L3 and verification. Prints ``{"event": "ready", ...}`` once listening
 stdin line ``{"cmd": ..., ...}`` gets exactly one JSON reply line. EOF on stdin or
 ``{"cmd": "quit"}`` shuts it down cleanly.
 
-Test-only behaviours: ``--evil`` serves altered completions re-signed as its own (a liar);
+Test-only behaviours: ``--evil [last|near-tie|topk]`` serves altered completions re-signed as
+its own (a liar, `EvilSource`);
 ``--stall`` sends the response header and half the body, prints ``{"event": "stalled"}`` and
 hangs (the test kills it mid-transfer).
 """
@@ -52,22 +53,68 @@ def out(obj: dict[str, Any]) -> None:
 
 
 class EvilSource(StoreSource):
-    """Serves a stored entry with its last token changed, re-signed by this (lying) node.
+    """Serves its stored entries altered and re-signed by this (lying) node. ``mode``:
 
-    With the model loaded the text is the altered tokens' own detokenization, so the lie is
-    self-consistent and only the teacher-forced check on the verifier's model can catch it."""
+    - ``last``: the last token changed to another (text: the altered tokens' own
+      detokenization with the model loaded, so only the model-run check can catch it);
+    - ``near-tie``: the honest greedy answer with one token swapped for the local runner-up
+      where the two nearly tie (the closest such place after the first token);
+    - ``topk``: a sampled answer steered every 4th token to the 5th best local choice.
+
+    ``near-tie`` and ``topk`` need the prompt: `prepare` makes the altered entry once the
+    node has computed the honest one, and says where it lied and by what margin."""
 
     def __init__(
-        self, store: Store, model_hash: str, identity: Identity, backend: Any = None
+        self,
+        store: Store,
+        model_hash: str,
+        identity: Identity,
+        backend: Any = None,
+        mode: str = "last",
     ) -> None:
         super().__init__(store, model_hash)
         self.identity = identity
         self.backend = backend
+        self.mode = mode
+        self.altered: dict[str, Entry] = {}
+
+    def _resign(self, e: Entry, toks: list[int], text: str) -> Entry:
+        e.output = Output(toks, text, e.output.finish_reason)
+        e.producer = self.identity.peer_id
+        e.signature = self.identity.sign(e.signing_payload())
+        return e
+
+    def prepare(self, key: str, prompt: list[int]) -> dict[str, Any]:
+        """Blocking (runs the model): the altered answer for ``key``, kept for serving."""
+        raw = super().value(FetchRequest(key, self.model_hash, "decoder_final"))
+        assert raw is not None and self.backend is not None
+        e = entry_from_wire(raw)
+        toks = list(e.output.tokens)
+        b = self.backend
+        if self.mode == "near-tie":
+            s = b.score(prompt, toks, top_k=2, chunk=128, merged=True)
+            margin, at, alt = min(
+                (lps[0] - lps[1], j, ids[1])
+                for j, (ids, lps) in enumerate(zip(s.top_ids, s.top_logprobs, strict=True))
+                if j >= 1 and ids[0] == toks[j] and not b.is_eog(ids[1])
+            )
+            toks[at] = alt
+            info = {"position": at, "margin": margin}
+        else:
+            s = b.score(prompt, toks, top_k=5, chunk=128, merged=True)
+            steered = [j for j in range(3, len(toks), 4) if s.top_ids[j][4] != toks[j]]
+            for j in steered:
+                toks[j] = s.top_ids[j][4]
+            info = {"position": steered[0], "margin": None}
+        self.altered[key] = self._resign(e, toks, b.detokenize(toks))
+        return info
 
     def value(self, req: FetchRequest) -> bytes | None:
+        if req.key in self.altered:
+            return entry_to_wire(self.altered[req.key])
         raw = super().value(req)
-        if raw is None:
-            return None
+        if raw is None or self.mode != "last":
+            return raw
         e = entry_from_wire(raw)
         toks = list(e.output.tokens) or [100]
         toks[-1] = (toks[-1] + 7) % 1000 + 300
@@ -76,10 +123,7 @@ class EvilSource(StoreSource):
             if self.backend is not None
             else e.output.text + " [altered]"
         )
-        e.output = Output(toks, text, e.output.finish_reason)
-        e.producer = self.identity.peer_id
-        e.signature = self.identity.sign(e.signing_payload())
-        return entry_to_wire(e)
+        return entry_to_wire(self._resign(e, toks, text))
 
 
 class StallServer(FetchServer):
@@ -135,11 +179,14 @@ async def main(a: argparse.Namespace) -> None:
         directory=DirectoryConfig(readvertise_s=a.readvertise_s, ad_batch_s=0.1),
         tier=TierConfig(fetch_timeout_s=a.fetch_timeout_s),
     )
-    sources = (
-        [EvilSource(store, model_hash, identity, local.backend if local is not None else None)]
+    evil = (
+        EvilSource(
+            store, model_hash, identity, local.backend if local is not None else None, a.evil
+        )
         if a.evil
         else None
     )
+    sources = [evil] if evil is not None else None
     net = build_network(
         identity,
         store,
@@ -175,7 +222,7 @@ async def main(a: argparse.Namespace) -> None:
                     out(
                         {
                             "ok": True,
-                            **(await handle(cmd, svc, store, resolver, model_hash, identity)),
+                            **(await handle(cmd, svc, store, resolver, model_hash, identity, evil)),
                         }
                     )
                 except Exception as exc:
@@ -196,6 +243,7 @@ async def handle(
     resolver: Resolver | None,
     model_hash: str,
     identity: Identity,
+    evil: EvilSource | None = None,
 ) -> dict[str, Any]:
     c = cmd["cmd"]
     if c == "put_entry":  # a synthetic entry (no model): for fetch/ads tests
@@ -217,10 +265,15 @@ async def handle(
 
         assert resolver is not None, "resolve needs --model"
         params = SamplingParams(**cmd.get("params", {"max_tokens": cmd.get("max_tokens", 16)}))
-        ans = await resolver.resolve(
-            Request(prompt=cmd["prompt"], params=params, share=cmd.get("share", False))
-        )
-        return {"answer": ans.to_dict()}
+        request = Request(prompt=cmd["prompt"], params=params, share=cmd.get("share", False))
+        ans = await resolver.resolve(request)
+        reply: dict[str, Any] = {"answer": ans.to_dict()}
+        if evil is not None and evil.mode != "last":
+            prompt = (await resolver.keyed(request)).tokens
+            reply["evil"] = await resolver.worker.run(
+                lambda: evil.prepare(ans.input_sha256, prompt)
+            )
+        return reply
     if c == "fetch":
         req = FetchRequest(
             cmd["key"],
@@ -352,7 +405,13 @@ if __name__ == "__main__":
     ap.add_argument("--psk")
     ap.add_argument("--model", action="store_true")
     ap.add_argument("--model-hash", default="ee" * 32)
-    ap.add_argument("--evil", action="store_true")
+    ap.add_argument(
+        "--evil",
+        nargs="?",
+        const="last",
+        choices=["last", "near-tie", "topk"],
+        help="serve altered answers (see EvilSource)",
+    )
     ap.add_argument("--stall", action="store_true")
     ap.add_argument("--readvertise-s", type=float, default=1.0)
     ap.add_argument("--fetch-timeout-s", type=float, default=5.0)

@@ -190,7 +190,9 @@ def context(tmp_path: Path, fail: BaseException | None = None, **settings: Any) 
         waiting=0,
         running=False,
         max_waiting=None,
-        backend=SimpleNamespace(detokenize_bytes=detok),
+        backend=SimpleNamespace(
+            detokenize_bytes=detok, chat_format=SimpleNamespace(name="template")
+        ),
         run_text=run_text,
     )
     store = SimpleNamespace(stats=lambda: SimpleNamespace(entries=0, bytes=0))
@@ -288,7 +290,8 @@ def test_answers_stream_and_admin(tmp_path: Path) -> None:
         "peers": [],
         "stats": {},
     }
-    assert call(ctx, "GET", "/v1/models/m").json()["x_context_window"] == 1024
+    card = call(ctx, "GET", "/v1/models/m").json()
+    assert card["x_context_window"] == 1024 and card["x_chat_format"] == "template"
 
 
 def test_draining_and_admin_token(tmp_path: Path) -> None:

@@ -82,3 +82,23 @@ def test_dockerfile_and_entrypoint_agree_with_the_config() -> None:
 def test_testbed_rejects_unpublished_ports(bad: str) -> None:
     with pytest.raises(ValueError):
         load_testbed()._published([bad], 8080)
+
+
+def test_the_image_builds_from_a_small_context_without_dev_extras() -> None:
+    dockerfile = (REPO / "node" / "Dockerfile").read_text()
+    ignored = {
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".venv/", ".git/", "**/__pycache__/", "data/", ".pytest_cache/"} <= ignored
+    # Everything the Dockerfile copies from the context is still in it.
+    sources = [
+        src
+        for args in re.findall(r"^COPY (?!--from)(.+)$", dockerfile, re.M)
+        for src in args.split()[:-1]
+    ]
+    assert sources and all(
+        not any(src.rstrip("/").startswith(i.rstrip("/")) for i in ignored) for src in sources
+    ), sources
+    assert "P2PCACHE_DEV=0 bash scripts/setup.sh" in dockerfile  # runtime dependencies only

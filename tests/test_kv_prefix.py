@@ -267,7 +267,9 @@ def test_resolver_reuses_the_previous_chat_turn(
     t2 = trio.run(resolver.resolve, Request(messages=tuple(history), params=params))
     assert t2.cache_level == "L3"
     assert t2.timings.cached_prompt_tokens >= t1.timings.prompt_tokens // C * C
-    assert t2.tokens == backend.generate(backend.chat_tokens(history), params).tokens
+    # A cold run of the same request: the chat format's stops are part of its params.
+    chat_params = params.with_(stop=backend.chat_format.stops)
+    assert t2.tokens == backend.generate(backend.chat_tokens(history), chat_params).tokens
     # The identical request is still an L0 hit (decoder_final first, KV prefixes after).
     assert (
         trio.run(resolver.resolve, Request(messages=tuple(history), params=params)).cache_level

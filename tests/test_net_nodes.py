@@ -91,6 +91,9 @@ def test_answer_computed_on_a_served_on_c_from_l2_then_l0(line: Line) -> None:
     assert x["level"] == "L2" and x["input_sha256"] == key
     assert x["peer"]["peer"] == line.a.peer_id and x["peer"]["producer"] == line.a.peer_id
     assert x["peer"]["verified"] is True and x["peer"]["verify_ms"] > 0
+    # Every token of A's answer was C's own choice: nothing generated on C.
+    n_out = on_a["usage"]["completion_tokens"]
+    assert x["timings"]["accepted_tokens"] == n_out and x["timings"]["local_tokens"] == 0
     assert on_c["choices"][0]["text"] == on_a["choices"][0]["text"]
     assert on_c["choices"][0]["finish_reason"] == on_a["choices"][0]["finish_reason"]
     assert on_c["usage"] == on_a["usage"]
@@ -110,7 +113,7 @@ def test_answer_computed_on_a_served_on_c_from_l2_then_l0(line: Line) -> None:
     assert metric(line, line.c, "p2pcache_bytes_fetched_total") >= x["peer"]["bytes"] > 0
     assert metric(line, line.a, "p2pcache_bytes_served_total") >= x["peer"]["bytes"]
 
-    # A sampled (seeded) answer is verified too: every token in C's local top-k / above min_p.
+    # A sampled (seeded) answer: C's sampler, with the request's seed, picks every token too.
     sampled = {"temperature": 0.8, "seed": 7}
     s_a = line.complete(line.a, "Invent a name for a cat:", **sampled)
     assert line.providers(line.c, s_a["x_cache"]["input_sha256"], wait_s=AD_TIMEOUT_S) == [
@@ -119,6 +122,7 @@ def test_answer_computed_on_a_served_on_c_from_l2_then_l0(line: Line) -> None:
     s_c = line.complete(line.c, "Invent a name for a cat:", **sampled)
     assert s_c["x_cache"]["level"] == "L2" and s_c["x_cache"]["peer"]["verified"] is True
     assert s_c["choices"][0]["text"] == s_a["choices"][0]["text"]
+    assert s_c["x_cache"]["timings"]["local_tokens"] == 0
 
     # The private entry: the advert of a later shared entry has arrived, yet no node lists it.
     for node in (line.b, line.c):
@@ -149,8 +153,12 @@ def test_liar_is_caught_banned_and_evidence_spreads(line: Line) -> None:
                 evil.peer_id
             ]
             got = line.complete(line.c, prompt)
-            # The altered answer never reaches the client: C computed the right one itself.
-            assert got["x_cache"]["level"] == "L3", got
+            # The altered answer never reaches the client: C kept the tokens before the altered
+            # last one (its own choices) and generated the rest itself.
+            assert got["x_cache"]["level"] == "L2", got
+            timings = got["x_cache"]["timings"]
+            assert timings["accepted_tokens"] == len(ans["tokens"]) - 1
+            assert timings["local_tokens"] >= 1
             assert got["choices"][0]["text"] == ans["text"]
             rec = line.rep_of(line.c, evil.peer_id)
             assert rec["failures"] == pytest.approx(
@@ -161,10 +169,9 @@ def test_liar_is_caught_banned_and_evidence_spreads(line: Line) -> None:
                 len(rec["evidence_detail"]) == i + 1
                 and rec["evidence_detail"][-1]["accuser"] == line.c.peer_id
             )
-            # The lie is self-consistent (text = its tokens): the local prefill caught the token.
-            assert "not the local argmax" in rec["evidence_detail"][-1]["reason"], rec[
-                "evidence_detail"
-            ]
+            # The lie is self-consistent (text = its tokens): the walk caught the token.
+            reason = rec["evidence_detail"][-1]["reason"]
+            assert f"token {len(ans['tokens']) - 1}: claimed" in reason, reason
             assert rec["banned"] is (i == 1), rec  # banned after the second proven lie
         assert line.admin(line.c, "/admin/peers")["stats"]["tier"]["verified_failures"] == 2
         assert metric(line, line.c, "p2pcache_verification_failures_total") == 2
@@ -201,6 +208,63 @@ def test_liar_is_caught_banned_and_evidence_spreads(line: Line) -> None:
             for r in line.admin(line.c, "/admin/reputation")["peers"]
         }
         assert rows["evil"]["banned"] and not rows["A"]["banned"]
+
+
+NEAR_TIE_TOPICS = [
+    "the history of tea",
+    "how bees make honey",
+    "the rules of chess",
+    "why leaves change colour",
+    "the first airplane",
+    "how rainbows form",
+    "the life of penguins",
+    "how bread rises",
+    "the moon landing",
+    "why the sea is salty",
+    "how volcanoes erupt",
+    "the invention of paper",
+]
+
+
+def test_near_tie_liar_never_reaches_the_client_and_its_rate_gets_it_banned(line: Line) -> None:
+    """A liar that swaps the honest greedy token for the local runner-up at the closest
+    near-tie: each time C serves its own answer (the liar's prefix up to the swap saved, the
+    rest computed), a single such divergence costs the peer nothing (honest hardware makes
+    them too), but a peer making them far more often than float noise explains is banned,
+    without evidence (nothing was proven)."""
+    with Peers() as ps:
+        evil = ps.start(
+            "--model",
+            "--evil",
+            "near-tie",
+            "--bootstrap",
+            line.b.ready["addrs"][0],
+            ready_timeout=120,
+        )
+        evil.call("wait_mesh", n=1)
+        params = {"max_tokens": 24, "temperature": 0}
+        rec: dict[str, Any] = {}
+        for i, topic in enumerate(NEAR_TIE_TOPICS):
+            prompt = f"A short paragraph about {topic}:"
+            r = evil.call("resolve", prompt=prompt, params=params, share=True, timeout=120)
+            ans, swap = r["answer"], r["evil"]
+            key = ans["input_sha256"]
+            assert line.providers(line.c, key, wait_s=AD_TIMEOUT_S) == [evil.peer_id]
+            got = line.complete(line.c, prompt, max_tokens=24)
+            # Never the liar's text: exactly the local model's answer (= evil's honest one).
+            assert got["choices"][0]["text"] == ans["text"]
+            rec = line.rep_of(line.c, evil.peer_id)
+            assert rec["failures"] == 0 and rec["evidence"] == []
+            if i == 0:
+                assert swap["margin"] <= 1.0, swap  # within the default near-tie margin
+                x = got["x_cache"]
+                assert x["level"] == "L2" and x["timings"]["accepted_tokens"] == swap["position"]
+                assert x["timings"]["local_tokens"] == len(ans["tokens"]) - swap["position"]
+                assert rec["near_ties"] == pytest.approx(1, abs=0.01) and not rec["banned"]
+                assert rec["score"] >= 0.5  # unpunished: as a fresh peer
+            if rec["banned"]:
+                break
+        assert rec["banned"] and rec["near_ties"] >= 4, rec
 
 
 def _identity_sorting_before(data_dir: Path, other: str) -> str:

@@ -25,6 +25,7 @@ from p2pcache.net.config import KvNetConfig
 from p2pcache.net.fetch import BadResponse, Busy, FetchError, FetchTimeout, NotFound, entry_to_wire
 from p2pcache.net.kv_tier import KvPeerTier, encode_body
 from p2pcache.net.parts import Proof
+from p2pcache.net.peer_keys import verify_by_peer
 from p2pcache.net.reputation import PeerRecord, Reputation
 from p2pcache.net.selection import Selection
 from p2pcache.net.tier import PeerTier
@@ -32,6 +33,7 @@ from p2pcache.net.trust import Trust
 from p2pcache.resolver import Keyed, Request
 from p2pcache.store import Store
 from tests.net_fakes import (
+    LOCAL_TOKENS,
     FakeJudge,
     FakeListings,
     FakePeers,
@@ -80,6 +82,30 @@ def test_providers_ranked_by_reputation_then_expected_time(tmp_path: Path, store
     ranked = [p.peer_id for p in Selection(rep.get, me).ranked(provs)]
     # good has the best record; slow and fast tie on score (0.67), fast is quicker
     assert ranked == [good, fast, slow]
+
+
+def test_near_ties_cost_nothing_at_the_honest_rate_and_ban_beyond_it(store: Store) -> None:
+    """A near-tie divergence is not a lie: a peer with a few of them over many checked tokens
+    keeps a fresh peer's score; one that diverges at nearly every answer's first tokens is
+    penalised and banned, with no evidence."""
+    rep = Reputation(store.env)
+    for _ in range(20):  # an honest peer: 20 answers of 60 tokens accepted, then a near-tie
+        rep.record_success("honest", 1000, 0.01, draft_tokens=60)
+    rep.record_near_tie("honest", 30)
+    rep.record_near_tie("honest", 30)
+    honest = rep.get("honest")
+    assert honest.excess_near_ties() == 0 and not honest.banned()
+    assert honest.score() > PeerRecord("fresh").score()
+    rep.record_near_tie("once", 5)  # a single one, from a new peer: unpunished
+    assert rep.get("once").score() == PeerRecord("fresh").score()
+    scores = []
+    for _ in range(12):  # diverging at the 3rd token of every answer
+        rec = rep.record_near_tie("liar", 3)
+        scores.append(rec.score())
+        if rec.banned():
+            break
+    assert rec.banned() and rec.failures == 0 and rec.evidence == []
+    assert scores[-1] < scores[0] and len(scores) <= 8
 
 
 # -- trust: the one mapping of fetch errors to reputation ---------------------------------------
@@ -139,9 +165,11 @@ def l2(store: Store, judge: FakeJudge | None = None, **config: object) -> L2:
     )
     from p2pcache.net.config import TierConfig
 
+    me = Identity.load_or_create(store.path.parent / "me")
     tier = PeerTier(
         MH,
         store,
+        me,
         peers=peers,
         listings=listings,
         judge=judge,
@@ -184,7 +212,7 @@ def test_l2_fetches_verifies_stores_and_advertises_a_shared_answer(
     assert private is not None and store.get(KEY).privacy_flag and len(t.listings.advertised) == 1
 
 
-def test_l2_wrong_answer_is_proven_and_the_next_provider_answers(
+def test_l2_a_wrong_answer_is_proven_and_the_client_gets_the_local_answer(
     tmp_path: Path, store: Store
 ) -> None:
     liar, honest = ident(tmp_path, "liar"), ident(tmp_path, "honest")
@@ -194,13 +222,48 @@ def test_l2_wrong_answer_is_proven_and_the_next_provider_answers(
     t.verifier.liars.add(liar.peer_id)
     for who in (liar, honest):
         t.peers.answers[who.peer_id] = fetched(entry_to_wire(signed_entry(who, KEY, MH, PARAMS)))
+    answer = trio.run(t.tier.lookup, keyed(share=True))
+    # Diverged at token 0: nothing of the draft was kept, the answer is the local model's.
+    assert answer is not None and answer.tokens == LOCAL_TOKENS and answer.cache_level == "L3"
+    assert answer.timings.accepted_tokens == 0 and answer.timings.local_tokens == 2
+    ((pid, reason, proof),) = t.judge.convicted
+    assert pid == liar.peer_id and "token 0" in reason
+    assert proof is not None and list(proof.prompt) == PROMPT and proof.params == PARAMS
+    assert t.tier.stats["verified_failures"] == 1 and t.judge.successes == []
+    assert t.verifier.checked == [liar.peer_id]
+    # What is stored (and advertised) is this node's own answer, under its own signature.
+    stored = store.get(KEY)
+    assert stored is not None and stored.output.tokens == LOCAL_TOKENS
+    assert stored.producer == t.tier.identity.peer_id
+    assert verify_by_peer(stored.producer, stored.signature, stored.signing_payload())
+    assert [e.input_sha256 for e in t.listings.advertised] == [KEY]
+
+
+def test_l2_a_near_tie_is_counted_not_convicted(tmp_path: Path, store: Store) -> None:
+    peer = ident(tmp_path, "peer")
+    t = l2(store)
+    t.listings.offer(KEY, peer.peer_id)
+    t.verifier.near_ties.add(peer.peer_id)
+    t.peers.answers[peer.peer_id] = fetched(entry_to_wire(signed_entry(peer, KEY, MH, PARAMS)))
+    answer = trio.run(t.tier.lookup, keyed())
+    assert answer is not None and answer.tokens == LOCAL_TOKENS
+    assert t.judge.convicted == [] and t.judge.near_ties == [(peer.peer_id, 1)]
+
+
+def test_l2_a_malformed_answer_is_proven_and_the_next_provider_answers(
+    tmp_path: Path, store: Store
+) -> None:
+    forger, honest = ident(tmp_path, "forger"), ident(tmp_path, "honest")
+    t = l2(store, FakeJudge(records=lambda p: PeerRecord(p, successes=3.0 * (p == forger.peer_id))))
+    t.listings.offer(KEY, honest.peer_id, forger.peer_id)
+    t.verifier.malformed.add(forger.peer_id)
+    for who in (forger, honest):
+        t.peers.answers[who.peer_id] = fetched(entry_to_wire(signed_entry(who, KEY, MH, PARAMS)))
     answer = trio.run(t.tier.lookup, keyed())
     assert answer is not None and answer.peer is not None and answer.peer.peer == honest.peer_id
-    ((pid, reason, proof),) = t.judge.convicted
-    assert pid == liar.peer_id and "argmax" in reason
-    assert proof is not None and list(proof.prompt) == PROMPT and proof.params == PARAMS
-    assert t.tier.stats["verified_failures"] == 1 and t.judge.successes == [honest.peer_id]
-    assert t.verifier.checked == [liar.peer_id, honest.peer_id]
+    assert answer.cache_level == "L2" and answer.timings.accepted_tokens == 3
+    ((pid, _reason, _proof),) = t.judge.convicted
+    assert pid == forger.peer_id and t.judge.successes == [honest.peer_id]
 
 
 def test_l2_fetch_errors_fall_through_and_stale_ads_are_forgotten(

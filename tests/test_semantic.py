@@ -21,6 +21,7 @@ from p2pcache.store import Store
 
 PARAMS = SamplingParams(max_tokens=24, stop=("\n",))
 DATA = Path(__file__).parent / "data" / "semantic_pairs.jsonl"
+ADVERSARIAL = Path(__file__).parent / "data" / "l1_adversarial.jsonl"
 
 
 def qa(text: str) -> str:
@@ -124,6 +125,85 @@ def test_lexical_checks_pass_paraphrases(embedder: Embedder) -> None:
     new, old = "When was the Eiffel Tower constructed?", "When was the Eiffel Tower built?"
     assert lexical_reject(new, old, sim) is None
     assert "swapped words" in (lexical_reject(new, old) or "")
+
+
+@pytest.mark.parametrize(
+    ("new", "old", "reason"),
+    [
+        ("Do all owls hunt at night?", "Do some owls hunt at night?", "scope"),
+        ("Is copper cheaper than silver?", "Is copper more expensive than silver?", "opposite"),
+        ("Is a hare faster than a fox?", "Is a hare slower than a fox?", "opposite"),
+        ("Is it legal to fish here?", "Is it illegal to fish here?", "opposite"),
+        ("Who is the mayor of Lyon?", "Who was the mayor of Lyon?", "tense"),
+        ("What is on TV tomorrow?", "What is on TV today?", "time"),
+        ("How do I move money to savings?", "How do I move money from savings?", "roles"),
+        ("Is a mouse smaller than a rat?", "Is a rat smaller than a mouse?", "roles"),
+        ("How do I log in to Jira?", "How do I log out of Jira?", "opposite"),
+        ("How do I fold a shirt quickly?", "How do I fold a shirt?", "condition"),
+        ("How do I fold a shirt?", "How do I fold a wet shirt?", "condition"),
+        ("How do pumps work?", "Why do pumps work?", "question type"),
+    ],
+)
+def test_contrast_checks_reject_one_word_near_misses(
+    new: str, old: str, reason: str, embedder: Embedder
+) -> None:
+    why = lexical_reject(qa(new), qa(old), phrase_similarity(embedder))
+    assert why is not None and reason in why, why
+
+
+def test_contrast_checks_pass_rephrasings(embedder: Embedder) -> None:
+    sim = phrase_similarity(embedder)
+    for new, old in [
+        ("Is a hare quicker than a fox?", "Is a hare faster than a fox?"),  # one pole
+        ("Which river is the longest?", "What is the longest river?"),
+        ("Which painter painted The Scream?", "Who painted The Scream?"),  # answer-type noun
+        ("How many eggs does a hen lay?", "How many eggs are laid by a hen?"),  # do-support
+        ("What is the length of the Thames?", "How long is the Thames?"),  # same measure
+        ("Should I stretch all the time?", "Should I always stretch?"),  # same scope
+    ]:
+        assert lexical_reject(qa(new), qa(old), sim) is None, (new, old)
+
+
+def _adversarial_rows() -> list[dict]:
+    return [json.loads(line) for line in ADVERSARIAL.read_text().splitlines() if line.strip()]
+
+
+def test_adversarial_set_has_300_near_misses_of_many_kinds_in_two_splits() -> None:
+    rows = _adversarial_rows()
+    near = [r for r in rows if r["label"] == "near_miss"]
+    assert len(near) >= 300 and sum(r["label"] == "paraphrase" for r in rows) >= 100
+    assert {r["split"] for r in rows} == {"dev", "holdout"}
+    assert all(r.keys() >= {"id", "split", "label", "kind", "cached", "query"} for r in rows)
+    kinds = {r["kind"] for r in near}
+    assert {"negation", "antonym", "comparative", "entity_swap", "number", "date", "unit"} <= kinds
+    assert {"order", "quantifier", "condition_added", "condition_dropped"} <= kinds
+    for split in ("dev", "holdout"):  # every kind is in both splits
+        assert {r["kind"] for r in near if r["split"] == split} == kinds
+    assert len({(r["cached"], r["query"]) for r in rows}) == len(rows)
+
+
+def test_gate_on_a_sample_of_the_adversarial_set(embedder: Embedder) -> None:
+    """Every 4th pair of each split and label (fixed, not chosen by outcome): no near-miss
+    above tau passes the lexical gate (the model gate only adds refusals), and most
+    paraphrases do. The full set is bench/bench_semantic.py's."""
+    sim = phrase_similarity(embedder)
+    tau = SemanticConfig().tau
+    for split in ("dev", "holdout"):
+        rows = [r for r in _adversarial_rows() if r["split"] == split]
+        for label in ("near_miss", "paraphrase"):
+            sample = [r for r in rows if r["label"] == label][::4]
+            texts = [qa(t) for r in sample for t in (r["cached"], r["query"])]
+            vecs = embedder.embed(texts)
+            served = [
+                r
+                for i, r in enumerate(sample)
+                if float(vecs[2 * i] @ vecs[2 * i + 1]) >= tau
+                and lexical_reject(qa(r["query"]), qa(r["cached"]), sim) is None
+            ]
+            if label == "near_miss":
+                assert served == [], (split, [(r["cached"], r["query"]) for r in served])
+            else:
+                assert len(served) >= 0.6 * len(sample), (split, len(served), len(sample))
 
 
 # -- the backend's teacher-forced scoring -----------------------------------------------------

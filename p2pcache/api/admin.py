@@ -1,7 +1,9 @@
 """The admin endpoints: ``GET /admin/status``, ``/admin/cache``, ``/admin/peers``,
-``/admin/reputation``, ``/admin/providers``, ``GET /metrics`` (Prometheus), ``GET /healthz``.
+``/admin/reputation``, ``/admin/providers``, ``GET /metrics`` (Prometheus), and the open
+``GET /healthz`` and ``GET /p2p`` (what a peer needs to dial this node).
 
-The bearer-token check is the app's (`p2pcache.api.app`); the CLI reads these bodies.
+The admin check (token, or loopback clients only) is the app's (`p2pcache.api.app`); the CLI
+reads these bodies.
 """
 
 from __future__ import annotations
@@ -112,6 +114,13 @@ class AdminApi:
         # reads store stats (may fsync)
         body = await trio.to_thread.run_sync(self.ctx.metrics.render)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def p2p(self, http: HttpRequest) -> Response:
+        """Open to anyone (``bootstrap_http`` of other nodes): the peer id, model hash and
+        dialable addresses, the same facts every advert this node gossips carries."""
+        ctx = self.ctx
+        doc = {"peer_id": ctx.peer_id, "model_hash": ctx.model_hash, "addrs": ctx.network.addrs()}
+        return FastJSON(doc)
 
     async def healthz(self, http: HttpRequest) -> Response:
         if self.ctx.draining:

@@ -4,12 +4,13 @@ token check, and the middleware that counts and logs every request.
 The endpoints live by job: `p2pcache.api.openai` (``/v1``), `p2pcache.api.admin` (``/admin``,
 ``/metrics``, ``/healthz``). Errors use OpenAI's shape ``{"error": {"message", "type",
 "param", "code"}}`` with the statuses of `p2pcache.api.errors.TABLE`, plus 401 without the
-admin token, 404 for an unknown model or endpoint, 405, 413 for an oversize body and 500 for a
-bug (logged).
+admin token (403 for a non-loopback client of a node without one), 404 for an unknown model
+or endpoint, 405, 413 for an oversize body and 500 for a bug (logged).
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,7 +22,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from p2pcache.api.admin import AdminApi
-from p2pcache.api.context import NodeContext
+from p2pcache.api.context import NodeContext, is_loopback
 from p2pcache.api.errors import ApiError
 from p2pcache.api.openai import OpenAiApi
 from p2pcache.logs import fields
@@ -44,16 +45,27 @@ def _answer_errors(handler: Endpoint) -> Endpoint:
 
 
 def _admin_only(token: str | None, handler: Endpoint) -> Endpoint:
-    """With an admin token configured, the endpoint needs ``Authorization: Bearer <token>``."""
-    if not token:
-        return handler
+    """With an admin token configured, the endpoint needs ``Authorization: Bearer <token>``;
+    without one, it answers loopback clients only: cache contents, peers and the data dir are
+    never shown to another machine by default (a reverse proxy on this host makes every
+    client loopback: then configure a token)."""
 
     async def endpoint(request: HttpRequest) -> ASGIApp:
-        if request.headers.get("authorization") != f"Bearer {token}":
+        if token:
+            given = request.headers.get("authorization", "")
+            # compare_digest: the time taken does not tell how much of a guess was right
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                raise ApiError(
+                    401,
+                    "this endpoint needs 'Authorization: Bearer <admin_token>'",
+                    type="authentication_error",
+                )
+        elif not is_loopback(request.client.host if request.client else None):
             raise ApiError(
-                401,
-                "this endpoint needs 'Authorization: Bearer <admin_token>'",
-                type="authentication_error",
+                403,
+                "admin endpoints answer loopback clients only while the node has no "
+                "admin_token; set admin_token and send 'Authorization: Bearer <admin_token>'",
+                type="permission_error",
             )
         return await handler(request)
 
@@ -126,6 +138,7 @@ def create_app(ctx: NodeContext) -> ASGIApp:
         Route("/admin/providers", _answer_errors(guarded(admin.providers)), methods=["GET"]),
         Route("/metrics", _answer_errors(guarded(admin.metrics)), methods=["GET"]),
         Route("/healthz", _answer_errors(admin.healthz), methods=["GET"]),
+        Route("/p2p", _answer_errors(admin.p2p), methods=["GET"]),
     ]
 
     async def not_found(request: HttpRequest, exc: Exception) -> Response:

@@ -6,6 +6,7 @@ and hands it to `p2pcache.api.create_app`.
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +18,29 @@ from p2pcache.resolver import Resolver
 from p2pcache.store import Store
 
 
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is this machine's loopback interface.
+    Any other host name counts as reachable from outside: the safe answer when in doubt."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1, as a dual-stack listener reports it
+    return ip.is_loopback
+
+
 @dataclass(frozen=True)
 class ApiSettings:
     """The node configuration the HTTP app reads (mapped from `NodeConfig` in one place)."""
 
-    admin_token: str | None = None  # if set, /admin/* and /metrics need a bearer token
+    # If set, /admin/* and /metrics need this bearer token; if not, they answer loopback
+    # clients only (the daemon generates one when HTTP binds a non-loopback address).
+    admin_token: str | None = None
     default_max_tokens: int = 128
     max_tokens_limit: int = 2048
     max_body_bytes: int = 1 << 20

@@ -77,7 +77,7 @@ class OpenAiApi:
                 resolve=lambda on_token: self._resolve(keyed, t0, on_token),
                 detokenize=self.ctx.worker.backend.detokenize_bytes,
                 run_text=self.ctx.worker.run_text,
-                stops=req.params.stop,
+                stops=keyed.request.params.stop,  # with the chat format's stops
                 include_usage=include_usage,
             )
         answer = await self._resolve(keyed, t0)
@@ -168,6 +168,9 @@ class OpenAiApi:
             "owned_by": "p2pcache",
             "x_model_hash": self.ctx.model_hash,
             "x_context_window": self.ctx.n_ctx,
+            # "template": the model's chat template; "transcript": a base model continues a
+            # plain User:/Assistant: dialogue, cut where it starts the next turn.
+            "x_chat_format": self.ctx.worker.backend.chat_format.name,
         }
 
 

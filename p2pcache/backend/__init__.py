@@ -7,6 +7,8 @@ from p2pcache.backend.state_buffer import StateBuffer
 from p2pcache.backend.stops import stop_cut
 from p2pcache.backend.types import (
     BackendConfig,
+    Divergence,
+    DraftOutcome,
     EvalHook,
     Generation,
     KvCacheInfo,
@@ -19,6 +21,8 @@ from p2pcache.errors import PromptTooLong
 __all__ = [
     "BackendConfig",
     "BackendWorker",
+    "Divergence",
+    "DraftOutcome",
     "EvalHook",
     "Generation",
     "KvCacheInfo",

@@ -21,12 +21,14 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from p2pcache.backend.chat_templates import fallback_template
+from p2pcache.backend.chat_templates import ChatFormat, chat_format
 from p2pcache.backend.logit_checks import CheckReducer, TokenChecks
 from p2pcache.backend.state_buffer import StateBuffer
 from p2pcache.backend.stops import stop_cut
 from p2pcache.backend.types import (
     BackendConfig,
+    Divergence,
+    DraftOutcome,
     EvalHook,
     Generation,
     KvCacheInfo,
@@ -68,6 +70,8 @@ class LlamaBackend:
             verbose=False,
         )
         self._vocab = self.llm._model.vocab
+        # A template, or a plain transcript for a base model (chat requests add its stops).
+        self.chat_format: ChatFormat = chat_format(self.llm.metadata)
         self._chat = self._make_chat_formatter()
 
     def close(self) -> None:
@@ -80,9 +84,10 @@ class LlamaBackend:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
 
     def chat_tokens(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        """Token ids of a conversation after the model's chat template."""
+        """Token ids of a conversation after the model's chat format (`chat_format`)."""
+        variables = dict(self.chat_format.variables)
         try:
-            rendered = self._chat(messages=list(messages)).prompt
+            rendered = self._chat(messages=list(messages), **variables).prompt
         except ValueError as exc:  # the template's raise_exception(): it refuses these messages
             raise InvalidRequest(str(exc)) from exc
         # The template renders BOS itself; special tokens in it are real control tokens.
@@ -114,16 +119,11 @@ class LlamaBackend:
     def _make_chat_formatter(self) -> Any:  # llama_cpp's Jinja2ChatFormatter
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        metadata = self.llm.metadata
-        template = metadata.get("tokenizer.chat_template") or fallback_template(
-            metadata.get("general.architecture", "")
-        )
-
         def text(tok: int) -> str:
             return self.llm._model.token_get_text(tok) if tok != -1 else ""
 
         return Jinja2ChatFormatter(
-            template=template,
+            template=self.chat_format.template,
             eos_token=text(self.llm.token_eos()),
             bos_token=text(self.llm.token_bos()),
         )
@@ -252,31 +252,10 @@ class LlamaBackend:
         sampler = self._sampler(params)
         t0 = time.perf_counter() if started is None else started
         self.prefill(prompt, align, on_evaluated)
-        llm, ctx = self.llm, self.llm._ctx
-        token = sampler.sample(ctx, -1)
+        token = sampler.sample(self.llm._ctx, -1)
         t1 = time.perf_counter()
         out: list[int] = []
-        finish = "length"
-        cut_text: str | None = None  # text truncated at a stop string
-        while True:
-            if self.is_eog(token):
-                finish = "stop"
-                break
-            out.append(token)
-            if on_token is not None:
-                on_token(token)
-            if params.stop:
-                so_far = self.detokenize(out)
-                cut = stop_cut(so_far, params.stop)
-                if cut >= 0:
-                    cut_text, finish = so_far[:cut], "stop"
-                    break
-            if len(out) >= params.max_tokens:
-                break
-            llm.eval([token])
-            if on_evaluated is not None:
-                on_evaluated(llm.n_tokens)
-            token = sampler.sample(ctx, -1)
+        finish, cut_text = self._decode_loop(sampler, token, out, params, on_token, on_evaluated)
         t2 = time.perf_counter()
         return Generation(
             tokens=out,
@@ -286,6 +265,181 @@ class LlamaBackend:
             prefill_ms=(t1 - t0) * 1000,
             decode_ms=(t2 - t1) * 1000,
         )
+
+    def _decode_loop(
+        self,
+        sampler: Any,
+        token: int,
+        out: list[int],
+        params: SamplingParams,
+        on_token: TokenHook | None,
+        on_evaluated: EvalHook | None = None,
+    ) -> tuple[str, str | None]:
+        """From ``token`` (just sampled, not yet evaluated; the context holds everything
+        before it): emit, evaluate, sample, until the output ends. Appends to ``out``;
+        returns the finish reason and, for a stop string, the text cut before it."""
+        llm, ctx = self.llm, self.llm._ctx
+        while True:
+            if self.is_eog(token):
+                return "stop", None
+            ended = self._emit(token, out, params, on_token)
+            if ended is not None:
+                return ended
+            llm.eval([token])
+            if on_evaluated is not None:
+                on_evaluated(llm.n_tokens)
+            token = sampler.sample(ctx, -1)
+
+    def _emit(
+        self, token: int, out: list[int], params: SamplingParams, on_token: TokenHook | None
+    ) -> tuple[str, str | None] | None:
+        """Append a chosen (non-EOG) token; the finish reason (and the text cut at a stop
+        string) if the output ends with it, else None."""
+        out.append(token)
+        if on_token is not None:
+            on_token(token)
+        if params.stop:
+            so_far = self.detokenize(out)
+            cut = stop_cut(so_far, params.stop)
+            if cut >= 0:
+                return "stop", so_far[:cut]
+        if len(out) >= params.max_tokens:
+            return "length", None
+        return None
+
+    # -- a draft walked with the request's sampler (verification of a peer's answer) ------
+    def follow_draft(
+        self,
+        prompt: Sequence[int],
+        draft: Sequence[int],
+        params: SamplingParams,
+        on_token: TokenHook | None = None,
+        *,
+        tail: bool = True,
+        chunk: int = 128,
+    ) -> DraftOutcome:
+        """Speculative-decoding verification of ``draft`` (a claimed output of ``prompt``).
+
+        One teacher-forced pass over ``prompt + draft`` gives the local logits at every
+        position; the request's own sampler chain (same seed, so the same random draws, and
+        the same penalty and grammar state) picks the local token at each position in turn,
+        as generation does. The longest prefix where the draft equals the local choices is
+        accepted. At the first divergence k the context is cut back to ``prompt + draft[:k]``
+        (a KV cut, no recomputation), the local token at k is taken and, with ``tail``, the
+        rest is generated by the decode loop of `continue_generation`. The output ends where
+        the local model ends it (end of generation, stop string, ``max_tokens``), wherever
+        the draft says it ends. Every token served is the local model's own choice.
+
+        Numerics: a row's logits depend on the batch shape llama.cpp computes it in (its
+        kernels differ between one-token decodes and batched passes), so at a near-tie the
+        walk may choose differently from a one-token-at-a-time run; the divergence's
+        ``margin`` and ``rank_gap`` tell such noise from a wrong token."""
+        prompt, draft = list(prompt), list(draft)[: params.max_tokens]
+        if not prompt:
+            raise ValueError("empty prompt")
+        self.check_fits(len(prompt), params.max_tokens)
+        sampler = self._sampler(params)
+        # Greedy with no penalty or grammar: the sampler is a stateless argmax (the first
+        # maximum, as numpy's), so whole blocks are decided at once instead of row by row
+        # (a llama.cpp sample copies the 262k-entry row first).
+        plain_greedy = params.greedy and params.repeat_penalty == 1.0 and not params.grammar
+        llm, ctx = self.llm, self.llm._ctx
+        t0 = time.perf_counter()
+        toks = prompt + draft
+        first = len(prompt) - 1  # the last prompt token's row predicts draft[0]
+        step = max(1, min(chunk, self.config.n_batch))
+        n = len(draft)
+        out: list[int] = []
+        ended: tuple[str, str | None] | None = None
+        local: int | None = None
+        divergence: Divergence | None = None
+        llm.reset()
+        ctx.kv_cache_seq_rm(-1, 0, -1)
+        pos = 0
+        while pos < len(toks) and ended is None and local is None:
+            end = min(len(toks), max(pos, first) + step, pos + self.config.n_batch)
+            self._decode_rows(toks, pos, end, first)
+            at = max(pos, first)
+            if plain_greedy:  # the greedy sampler's choice, for the whole block in one pass
+                block = np.ctypeslib.as_array(ctx.get_logits(), shape=(end - at, self.n_vocab))
+                best = block.argmax(axis=1)
+            for i in range(at, end):
+                j = i - first  # completion position this row predicts
+                c = int(best[i - at]) if plain_greedy else int(sampler.sample(ctx, i - pos))
+                claimed = draft[j] if j < n else self.eog_token
+                if c != claimed or j == n or self.is_eog(c):
+                    if c != claimed:
+                        divergence = self._divergence(i - pos, j, claimed, c, params.temperature)
+                    local = c
+                    break
+                ended = self._emit(c, out, params, on_token)
+                if ended is not None:
+                    break
+            pos = end
+        t1 = time.perf_counter()
+        generation: Generation | None = None
+        accepted = len(out)
+        if local is not None and ended is None:
+            if self.is_eog(local):
+                ended = ("stop", None)
+            elif tail:
+                self._cut_to(prompt + draft[:accepted])
+                ended = self._decode_loop(sampler, local, out, params, on_token)
+        if ended is not None:
+            finish, cut_text = ended
+            generation = Generation(
+                tokens=out,
+                text=cut_text if cut_text is not None else self.detokenize(out),
+                finish_reason=finish,
+                prompt_tokens=len(prompt),
+                prefill_ms=(t1 - t0) * 1000,
+                decode_ms=(time.perf_counter() - t1) * 1000,
+            )
+        return DraftOutcome(generation, accepted, divergence, n, (t1 - t0) * 1000)
+
+    def _decode_rows(self, toks: list[int], pos: int, end: int, first: int) -> None:
+        """Decode ``toks[pos:end]`` (the context holds ``toks[:pos]``) with logits for the
+        rows at positions >= ``first``."""
+        llm = self.llm
+        part = toks[pos:end]
+        llm._batch.set_batch(batch=part, n_past=pos, logits_all=True)
+        for j in range(min(len(part), first - pos)):  # no logits for earlier prompt tokens
+            llm._batch.batch.logits[j] = False
+        llm._ctx.decode(llm._batch)
+        llm.input_ids[pos:end] = part
+        llm.n_tokens = end
+
+    def _divergence(
+        self, idx: int, position: int, claimed: int, local: int, temperature: float
+    ) -> Divergence:
+        """How far apart the claimed and the local token stand in the local row ``idx``."""
+        ptr = llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, idx)
+        row = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        lc, lt = float(row[local]), float(row[claimed])
+        lo, hi = min(lc, lt), max(lc, lt)
+        between = (row > lo) & (row < hi)
+        mass = 0.0
+        if temperature > 0 and between.any():
+            # Softmax at the request's temperature: the mass a seeded draw must cross.
+            z = (row.astype(np.float64) - row.max()) / temperature
+            p = np.exp(z)
+            mass = float(p[between].sum() / p.sum())
+        return Divergence(
+            position, claimed, local, lc - lt, int(np.count_nonzero(between)) + 1, mass
+        )
+
+    def _cut_to(self, tokens: list[int]) -> None:
+        """Make the context hold exactly ``tokens`` (a prefix of what it holds). A KV cut
+        when every layer keeps all its cells (no sliding window, or a full-size one, as
+        llama.cpp gives Gemma 3 by default); otherwise the prefix is prefilled again, since
+        a windowed cache may have dropped cells the cut would need."""
+        info = self.kv_cache_info()
+        if info.n_swa == 0 or info.swa_full:
+            self.llm._ctx.kv_cache_seq_rm(-1, len(tokens), -1)
+            self.resume(tokens)
+        else:
+            self.clear_memory()
+            self.prefill(tokens)
 
     def _sampler(self, params: SamplingParams) -> Any:  # llama_cpp's LlamaSampler chain
         """llama-cpp-python's sampler chain for ``params``, seeded from ``params.seed``."""
@@ -437,13 +591,7 @@ class LlamaBackend:
             pos = 0
             while pos < len(toks):
                 end = min(len(toks), max(pos, first) + step, pos + self.config.n_batch)
-                part = toks[pos:end]
-                llm._batch.set_batch(batch=part, n_past=pos, logits_all=True)
-                for j in range(min(len(part), first - pos)):  # no logits for earlier prompt tokens
-                    llm._batch.batch.logits[j] = False
-                llm._ctx.decode(llm._batch)
-                llm.input_ids[pos:end] = part
-                llm.n_tokens = end
+                self._decode_rows(toks, pos, end, first)
                 if end > first:
                     at = max(pos, first)
                     reduce(

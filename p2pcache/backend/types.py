@@ -49,6 +49,48 @@ class Generation:
 
 
 @dataclass(frozen=True)
+class Divergence:
+    """Where a draft left the local model's choices (`LlamaBackend.follow_draft`).
+
+    ``margin``: logit(local) - logit(claimed) in the local row (raw logits, before any
+    sampler); ``rank_gap``: how many places apart the two tokens stand in that row's logit
+    order; ``mass_between``: for a sampled request, the probability (at its temperature) of
+    the tokens between them, which a seeded draw must cross to move from one to the other.
+    Float noise between kernels or hardware moves near-ties only."""
+
+    position: int  # completion position k: the draft's tokens [0, k) were accepted
+    claimed: int  # the draft's token at k (the end-of-generation token if it ends at k)
+    local: int  # the local sampler's choice at k
+    margin: float
+    rank_gap: int
+    mass_between: float = 0.0
+
+
+@dataclass(frozen=True)
+class DraftOutcome:
+    """A draft (a peer's claimed output) walked with the request's own sampler.
+
+    ``generation``: what this node answers, the accepted draft prefix and, after a
+    divergence, its own continuation (None when asked for no tail and the draft diverged).
+    ``accepted``: draft tokens accepted; ``walk_ms``: the teacher-forced pass and the walk."""
+
+    generation: Generation | None
+    accepted: int
+    divergence: Divergence | None
+    draft_tokens: int
+    walk_ms: float
+
+    @property
+    def matches(self) -> bool:
+        """The local model chose every token of the draft and ended where it ends."""
+        return self.divergence is None and self.accepted == self.draft_tokens
+
+    @property
+    def local_tokens(self) -> int:
+        return 0 if self.generation is None else len(self.generation.tokens) - self.accepted
+
+
+@dataclass(frozen=True)
 class Score:
     """Teacher-forced scores of a completion after a prompt (`LlamaBackend.score`).
 

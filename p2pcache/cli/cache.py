@@ -9,16 +9,32 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from p2pcache.cli.common import DataDirOpt, JsonOpt, fail, out_console, print_json
+from p2pcache.cli.common import (
+    DataDirOpt,
+    JsonOpt,
+    fail,
+    list_layout,
+    out_console,
+    print_fields,
+    print_json,
+    print_line,
+)
 from p2pcache.kv import KvChunkStore
+from p2pcache.node.client import node_data_dir
 from p2pcache.paths import DataDir
 from p2pcache.store import Store
 
 app = typer.Typer(help="Inspect and manage the local cache store.", no_args_is_help=True)
 
 
+def _data_dir(data_dir: DataDirOpt) -> DataDir:
+    """--data-dir (or $P2PCACHE_DATA_DIR), else the running node's started last, else the
+    default: a node started with a custom data dir is found without the flag."""
+    return DataDir.resolve(node_data_dir(data_dir))
+
+
 def _open(data_dir: DataDirOpt) -> Store:
-    dd = DataDir.resolve(data_dir)
+    dd = _data_dir(data_dir)
     if not dd.store.exists():
         raise fail(f"no store in {dd.root} (run `p2pcache generate` first or pass --data-dir)")
     return Store(dd.store)
@@ -67,7 +83,6 @@ def stats(
     if json:
         print_json({**asdict(s), "hit_rate": s.hit_rate, "kv": kv_doc})
         return
-    table = Table(title=f"p2pcache store {s.path}", show_header=False)
     rows = [
         ("entries", f"{s.entries:,}"),
         ("bytes", f"{_human(s.bytes)} of {_human(s.size_cap)} cap"),
@@ -87,9 +102,8 @@ def stats(
         ),
         ("KV corrupt chunks dropped", f"{kv.corrupt_dropped:,}"),
     ]
-    for k, v in rows:
-        table.add_row(k, v)
-    out_console.print(table)
+    print_line(f"p2pcache store {s.path}")
+    print_fields(rows, indent="  ")
 
 
 @app.command("ls")
@@ -113,6 +127,17 @@ def list_entries(
             d["signature"] = e.signature.hex()
             rows.append(d)
         print_json({"entries": rows})
+        return
+    if list_layout():
+        print_line(f"{len(entries)} entries")
+        for e in entries:
+            text = e.output.text.replace("\n", " ")
+            print_line(
+                f"{e.input_sha256[:12]}  {e.cache_level}  model {e.model_hash[:8]}  "
+                f"{'private' if e.privacy_flag else 'shared'}  {e.hits} hits  {_human(e.size)}  "
+                f"{_when(max(e.inserted_at, e.last_hit_at))}"
+            )
+            print_line("  " + text[:70] + ("…" if len(text) > 70 else ""))
         return
     table = Table(title=f"{len(entries)} entries")
     for col in ("key", "level", "model", "private", "hits", "size", "last used", "output"):
@@ -184,7 +209,7 @@ def similar(
     from p2pcache.semantic.lexical import lexical_reject
     from p2pcache.semantic.tier import phrase_similarity
 
-    dd = DataDir.resolve(data_dir)
+    dd = _data_dir(data_dir)
     with _open(data_dir) as store:
         try:
             embedder = Embedder()

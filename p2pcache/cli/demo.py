@@ -11,8 +11,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from p2pcache.cli.common import err_console, fail, out_console
+from p2pcache.cli.common import err_console, fail, list_layout, out_console, print_line
+from p2pcache.paths import HOME_ENV
 
 LEVEL_STYLE = {"L0": "green", "L1": "cyan", "L2": "magenta", "L3": "yellow"}
 LEVEL_NOTE = {"L0": "local cache", "L1": "similar prompt", "L2": "from a peer", "L3": "computed"}
@@ -73,6 +75,62 @@ def _ask(
     }
 
 
+def _row_cells(i: int, node: str, what: str, r: dict[str, Any]) -> list[str]:
+    lvl = r["level"]
+    note = LEVEL_NOTE.get(lvl, "")
+    if r["x"] and r["x"].get("single_flight"):
+        note = "single-flight"
+    return [
+        str(i),
+        node,
+        what,
+        f"{lvl} {note}",
+        f"{r['ms']:.1f}",
+        str(r["x"]["timings"]["completion_tokens"] if r["x"] else "?"),
+    ]
+
+
+def _print_answers(rows: list[tuple[str, str, str, dict[str, Any]]]) -> None:
+    """The answers with where each came from: a table on a wide terminal; else (a narrow one,
+    a pipe) one line per answer with its text below, since an answer column squeezed next to
+    six others would show one word per line."""
+    if list_layout():
+        out_console.print("Where each answer came from:")
+        for i, (node, what, _prompt, r) in enumerate(rows, 1):
+            num, name, req, level, ms, tokens = _row_cells(i, node, what, r)
+            line = Text(f"{num:>2} {name}  {req:<16} ")
+            line.append(f"{level:<17}", style=LEVEL_STYLE.get(r["level"], "white"))
+            line.append(f" {ms:>8} ms  {tokens} tokens")
+            out_console.print(line, highlight=False, soft_wrap=True)
+            text = " ".join(r["text"].split())
+            width = max(20, min(out_console.width, 100) - 4)
+            print_line("   " + (text[:width] + ("…" if len(text) > width else "")))
+        return
+    table = Table(title="Where each answer came from")
+    for col, just in (
+        ("#", "right"),
+        ("node", "left"),
+        ("request", "left"),
+        ("level", "left"),
+        ("ms", "right"),
+        ("tokens", "right"),
+        ("answer", "left"),
+    ):
+        table.add_column(
+            col,
+            justify=just,
+            no_wrap=col != "answer",
+            overflow="fold" if col == "answer" else "ellipsis",
+        )
+    for i, (node, what, _prompt, r) in enumerate(rows, 1):
+        text = " ".join(r["text"].split())
+        answer = text[:40] + ("…" if len(text) > 40 else "")
+        cells = _row_cells(i, node, what, r)
+        cells[3] = f"[{LEVEL_STYLE.get(r['level'], 'white')}]{cells[3]}"
+        table.add_row(*cells, answer)
+    out_console.print(table)
+
+
 def demo(
     data_dir: Annotated[
         Optional[Path],
@@ -115,7 +173,10 @@ def demo(
     try:
         with err_console.status(f"Starting {nodes} nodes in {root} ..."):
             t0 = time.perf_counter()
-            first = start_node("node-1", root / "node-1", wait=False)
+            # The demo's nodes do not become the CLI's "last node": a node the user runs keeps
+            # being found by `p2pcache node status` & co.
+            env = {HOME_ENV: str(root / "cli-home")}
+            first = start_node("node-1", root / "node-1", wait=False, env=env)
             procs.append(first)
             wait_ready(first, timeout=max(1.0, deadline - time.monotonic()))
             for i in range(2, nodes + 1):
@@ -125,6 +186,7 @@ def demo(
                         root / f"node-{i}",
                         wait=False,
                         extra=("--bootstrap-http", first.url, "--log-level", "warning"),
+                        env=env,
                     )
                 )
             for p in procs[1:]:
@@ -199,38 +261,7 @@ def demo(
 
         for name, q in (("Q1", q1), ("Q2", q2), ("Q3", q3)):
             out_console.print(f"{name}: {' / '.join(q.splitlines())}")
-        table = Table(title="Where each answer came from")
-        for col, just in (
-            ("#", "right"),
-            ("node", "left"),
-            ("request", "left"),
-            ("level", "left"),
-            ("ms", "right"),
-            ("tokens", "right"),
-            ("answer", "left"),
-        ):
-            table.add_column(
-                col,
-                justify=just,
-                no_wrap=col != "answer",
-                overflow="fold" if col == "answer" else "ellipsis",
-            )
-        for i, (node, what, _prompt, r) in enumerate(rows, 1):
-            lvl = r["level"]
-            note = LEVEL_NOTE.get(lvl, "")
-            if r["x"] and r["x"].get("single_flight"):
-                note = "single-flight"
-            text = " ".join(r["text"].split())
-            table.add_row(
-                str(i),
-                node,
-                what,
-                f"[{LEVEL_STYLE.get(lvl, 'white')}]{lvl}[/] {note}",
-                f"{r['ms']:.1f}",
-                str(r["x"]["timings"]["completion_tokens"] if r["x"] else "?"),
-                text[:40] + ("…" if len(text) > 40 else ""),
-            )
-        out_console.print(table)
+        _print_answers(rows)
         computed = sum(1 for *_, r in rows if r["level"] == "L3")
         l0 = [
             r["ms"]

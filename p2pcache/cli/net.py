@@ -1,8 +1,11 @@
 """`p2pcache peers` and `p2pcache reputation`: a node's view of the network.
 
-From a running node (``--url``, or the node.json of ``--data-dir``) over its admin API; when no
-node runs on the data dir, straight from its LMDB (read-only): the peers it has dealt with and
-their reputation, without connections.
+From a running node (``--url``, or the node.json of ``--data-dir``, or the node started last)
+over its admin API; when no node runs on the data dir, straight from its LMDB (read-only): the
+peers it has dealt with and their reputation, without connections.
+
+Tables need a wide terminal to show whole peer ids; on a narrow one, or in a pipe, each peer
+is a short list of lines instead (ids and multiaddrs are copied from here, so never cut).
 """
 
 from __future__ import annotations
@@ -15,21 +18,41 @@ from urllib.parse import quote
 import typer
 from rich.table import Table
 
-from p2pcache.cli.common import DataDirOpt, JsonOpt, err_console, fail, out_console, print_json
-from p2pcache.node.client import NodeUnreachable, admin_get, find_node_url
+from p2pcache.cli.common import (
+    DataDirOpt,
+    JsonOpt,
+    err_console,
+    fail,
+    list_layout,
+    out_console,
+    print_fields,
+    print_json,
+    print_line,
+    print_pairs,
+)
+from p2pcache.node.client import (
+    NodeUnreachable,
+    admin_get,
+    find_node_url,
+    node_data_dir,
+    token_for,
+)
 from p2pcache.paths import DataDir
 
 UrlOpt = Annotated[
     Optional[str],
     typer.Option(
         "--url",
-        help="HTTP URL of a running node (default: the node on --data-dir, else its store).",
+        help="HTTP URL of a running node (default: the node on --data-dir or the node started "
+        "last, else the data dir's store).",
     ),
 ]
 TokenOpt = Annotated[
     Optional[str],
     typer.Option(
-        "--admin-token", envvar="P2PCACHE_ADMIN_TOKEN", help="Admin token, if the node has one."
+        "--admin-token",
+        envvar="P2PCACHE_ADMIN_TOKEN",
+        help="Admin token (default: the one the node generated in its data dir, if any).",
     ),
 ]
 
@@ -38,6 +61,7 @@ def _online(
     url: str | None, data_dir: Path | None, path: str, token: str | None
 ) -> dict[str, Any] | None:
     """The admin document from a running node, or None when none runs on the data dir."""
+    token = token_for(url, data_dir, token)
     if url:
         try:
             return admin_get(find_node_url(url, None), path, token)
@@ -67,7 +91,7 @@ def _offline(data_dir: Path | None, peer_id: str | None = None) -> dict[str, Any
     from p2pcache.net.evidence import describe_evidence
     from p2pcache.net.reputation import read_offline
 
-    dd = DataDir.resolve(data_dir)
+    dd = DataDir.resolve(node_data_dir(data_dir))
     try:
         records, evidence = read_offline(dd.store)
     except FileNotFoundError:
@@ -114,30 +138,49 @@ def peers(
     title = f"peers of {doc.get('peer_id')}" + (
         "" if online else " (from its store; the node is not running)"
     )
-    table = Table(title=title)
-    for col in (
-        "peer",
-        "score",
-        "banned",
-        "mesh" if online else "last seen",
-        "addrs" if online else "fetches",
-    ):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(
-            str(r.get("peer_id")),
-            f"{float(r.get('score', 0)):.3f}",
-            "yes" if r.get("banned") else "no",
-            ("yes" if r.get("mesh") else "no") if online else _when(r.get("last_seen")),
-            "\n".join(r.get("addrs", [])) if online else str(r.get("fetches", 0)),
-        )
-    out_console.print(table)
+    if list_layout():
+        _peer_list(title, rows, online)
+    else:
+        _peer_table(title, rows, online)
     if online and (stats := doc.get("stats")):
         ads, ev = stats.get("ads", {}), stats.get("evidence", {})
         out_console.print(
             f"adverts accepted {ads.get('accepted', 0)}, rejected {ads.get('rejected', {})}; "
             f"evidence {ev}; L2 {stats.get('tier', {})}"
         )
+
+
+def _peer_cells(r: dict[str, Any], online: bool) -> list[tuple[str, Any]]:
+    score = f"{float(r.get('score', 0)):.3f}"
+    banned = "yes" if r.get("banned") else "no"
+    if online:
+        return [("score", score), ("banned", banned), ("mesh", "yes" if r.get("mesh") else "no")]
+    return [("score", score), ("banned", banned), ("last seen", _when(r.get("last_seen")))]
+
+
+def _peer_list(title: str, rows: list[dict[str, Any]], online: bool) -> None:
+    print_line(title)
+    for r in rows:
+        print_line("")
+        print_line(str(r.get("peer_id")))
+        cells = _peer_cells(r, online)
+        print_pairs(cells)
+        if online:
+            print_fields([("addrs", r.get("addrs") or [])], indent="  ")
+        else:
+            print_line(f"  fetches {r.get('fetches', 0)}")
+
+
+def _peer_table(title: str, rows: list[dict[str, Any]], online: bool) -> None:
+    table = Table(title=title)
+    table.add_column("peer", no_wrap=True)
+    for col, _ in _peer_cells({}, online):
+        table.add_column(col)
+    table.add_column("addrs" if online else "fetches", no_wrap=True)
+    for r in rows:
+        last = "\n".join(r.get("addrs", [])) if online else str(r.get("fetches", 0))
+        table.add_row(str(r.get("peer_id")), *(v for _, v in _peer_cells(r, online)), last)
+    out_console.print(table)
 
 
 def reputation(
@@ -174,8 +217,7 @@ def reputation(
         return
     if peer_id is not None:
         r = rows[0]
-        table = Table(title=f"{peer_id} at {doc.get('peer_id')}", show_header=False)
-        for k in (
+        keys = (
             "score",
             "successes",
             "failures",
@@ -190,46 +232,48 @@ def reputation(
             "banned",
             "banned_until",
             "ban_reason",
-        ):
-            v = r.get(k)
-            table.add_row(
-                k,
-                _when(v)
-                if k in ("first_seen", "last_seen", "banned_until")
-                else (f"{v:.3f}" if isinstance(v, float) else str(v)),
-            )
-        out_console.print(table)
+        )
+        print_line(f"{peer_id} at {doc.get('peer_id')}")
+        print_fields([(k, _field(k, r.get(k))) for k in keys], indent="  ")
         for e in r.get("evidence_detail", []):
-            out_console.print(
+            print_line(
                 f"evidence {e.get('id', '')[:16]}: accuser {e.get('accuser')}, key "
                 f"{str(e.get('key', ''))[:16]}, {_when(e.get('ts'))}: {e.get('reason')}"
             )
         return
-    table = Table(title=f"reputation at {doc.get('peer_id')}")
-    for col in (
-        "peer",
-        "score",
-        "ok",
-        "lies",
-        "timeouts",
-        "bad",
-        "bytes in",
-        "last seen",
-        "banned",
-        "evidence",
-    ):
+    title = f"reputation at {doc.get('peer_id')}"
+    ranked = sorted(rows, key=lambda r: -float(r.get("score", 0)))
+    if list_layout():
+        print_line(title)
+        for r in ranked:
+            print_line("")
+            print_line(str(r.get("peer_id")))
+            print_pairs(_rep_cells(r))
+        return
+    table = Table(title=title)
+    table.add_column("peer", no_wrap=True)
+    for col, _ in _rep_cells({}):
         table.add_column(col)
-    for r in sorted(rows, key=lambda r: -float(r.get("score", 0))):
-        table.add_row(
-            str(r.get("peer_id")),
-            f"{float(r.get('score', 0)):.3f}",
-            f"{r.get('successes', 0):.1f}",
-            f"{r.get('failures', 0):.1f}",
-            f"{r.get('timeouts', 0):.1f}",
-            f"{r.get('bad', 0):.1f}",
-            str(r.get("bytes_in", 0)),
-            _when(r.get("last_seen")),
-            f"yes ({r.get('ban_reason', '')})" if r.get("banned") else "no",
-            str(len(r.get("evidence", []))),
-        )
+    for r in ranked:
+        table.add_row(str(r.get("peer_id")), *(v for _, v in _rep_cells(r)))
     out_console.print(table)
+
+
+def _field(key: str, v: Any) -> str:
+    if key in ("first_seen", "last_seen", "banned_until"):
+        return _when(v)
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _rep_cells(r: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
+        ("score", f"{float(r.get('score', 0)):.3f}"),
+        ("ok", f"{r.get('successes', 0):.1f}"),
+        ("lies", f"{r.get('failures', 0):.1f}"),
+        ("timeouts", f"{r.get('timeouts', 0):.1f}"),
+        ("bad", f"{r.get('bad', 0):.1f}"),
+        ("bytes in", str(r.get("bytes_in", 0))),
+        ("last seen", _when(r.get("last_seen"))),
+        ("banned", f"yes ({r.get('ban_reason', '')})" if r.get("banned") else "no"),
+        ("evidence", str(len(r.get("evidence", [])))),
+    ]

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import traceback
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.table import Table
 
 from p2pcache.cli import net
-from p2pcache.cli.common import JsonOpt, fail, out_console, print_json
-from p2pcache.node.client import NodeUnreachable, admin_get, find_node_url
+from p2pcache.cli.common import JsonOpt, fail, out_console, print_fields, print_json
+from p2pcache.errors import StartupError
+from p2pcache.node.client import NodeUnreachable, admin_get, find_node_url, token_for
 from p2pcache.node.config import CONFIG_ENV, ConfigError, NodeConfig, env_name, load_config
 
 app = typer.Typer(
@@ -44,12 +47,17 @@ NodeDataDirOpt = Annotated[
 ]
 UrlOpt = Annotated[
     Optional[str],
-    typer.Option("--url", help="Node HTTP URL (default: the node running on --data-dir)."),
+    typer.Option(
+        "--url",
+        help="Node HTTP URL (default: the node running on --data-dir, else the node started last).",
+    ),
 ]
 TokenOpt = Annotated[
     Optional[str],
     typer.Option(
-        "--admin-token", envvar="P2PCACHE_ADMIN_TOKEN", help="Admin token, if the node has one."
+        "--admin-token",
+        envvar="P2PCACHE_ADMIN_TOKEN",
+        help="Admin token (default: the one the node generated in its data dir, if any).",
     ),
 ]
 DataDirLookupOpt = Annotated[
@@ -63,8 +71,8 @@ DataDirLookupOpt = Annotated[
 def _config(config: Path | None, flags: dict[str, Any]) -> NodeConfig:
     try:
         return load_config(config, os.environ, flags)
-    except ConfigError as exc:
-        raise fail(str(exc)) from None
+    except ConfigError as exc:  # one line: the key, the value, where it came from, why
+        raise fail(" ".join(str(exc).split()) + " (see p2pcache node run --help)") from None
 
 
 @app.command()
@@ -131,13 +139,17 @@ def run(
     print_config: Annotated[
         bool, typer.Option("--print-config", help="Print the merged config as TOML and exit.")
     ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the traceback when the node fails to start.")
+    ] = False,
 ) -> None:
     """Run a node until SIGINT/SIGTERM.
 
     Settings come from the --config TOML file, then P2PCACHE_* environment variables, then
     these flags (later wins). Every config key has an environment variable:
     P2PCACHE_<KEY> (lists comma-separated). Once serving, the node prints one JSON line with
-    "event": "ready" on stdout and writes <data dir>/node.json; logs go to stderr.
+    "event": "ready" on stdout and writes <data dir>/node.json; logs go to stderr. A node
+    that cannot start prints one line saying why and how to fix it, and exits non-zero.
     """
     cfg = _config(
         config,
@@ -160,20 +172,45 @@ def run(
 
         out_console.print(tomli_w.dumps(cfg.to_toml_dict()), markup=False, highlight=False, end="")
         return
+    _serve(cfg, debug)
+
+
+def _serve(cfg: NodeConfig, debug: bool) -> None:
     import trio
 
-    from p2pcache.backend import ModelNotFound
     from p2pcache.logs import setup_node_logging
     from p2pcache.node.daemon import run_node
+    from p2pcache.node.preflight import preflight
 
+    try:  # before the model loads: a bad start fails in well under a second
+        checked = preflight(cfg)
+    except (StartupError, OSError) as exc:  # OSError: e.g. the disk filled up meanwhile
+        raise _start_failed(exc, debug) from None
     setup_node_logging(cfg.log_level, cfg.log_format)
+    if checked.admin_token_file is not None:
+        logging.getLogger("p2pcache.node").warning(
+            f"HTTP binds {cfg.http}, not loopback: /admin/* and /metrics need the admin token "
+            f"in {checked.admin_token_file} (Authorization: Bearer <token>)"
+        )
     try:
-        code = trio.run(run_node, cfg)
-    except ModelNotFound as exc:
-        raise fail(str(exc)) from None
-    except OSError as exc:  # e.g. the HTTP port is taken
-        raise fail(f"cannot start the node: {exc}") from None
+        code = trio.run(
+            partial(run_node, admin_token_file=checked.admin_token_file), checked.config
+        )
+    except KeyboardInterrupt:  # a signal before the handlers were installed
+        raise typer.Exit(130) from None
+    except BaseException as exc:  # exception groups from the nurseries, too
+        raise _start_failed(exc, debug) from None
     raise typer.Exit(code)
+
+
+def _start_failed(exc: BaseException, debug: bool) -> typer.Exit:
+    """One line for a known start-up failure; the traceback with --debug, or for a bug."""
+    from p2pcache.node.preflight import startup_failure
+
+    message = startup_failure(exc)
+    if debug or message is None:
+        traceback.print_exception(exc)
+    return fail(message or f"the node stopped: {exc!r}", code=1)
 
 
 run.__doc__ = (run.__doc__ or "").rstrip() + f"\n\n    Environment: {_ENV_HELP}.\n"
@@ -181,7 +218,7 @@ run.__doc__ = (run.__doc__ or "").rstrip() + f"\n\n    Environment: {_ENV_HELP}.
 
 def _get(url: str | None, data_dir: Path | None, path: str, token: str | None) -> Any:
     try:
-        return admin_get(find_node_url(url, data_dir), path, token)
+        return admin_get(find_node_url(url, data_dir), path, token_for(url, data_dir, token))
     except NodeUnreachable as exc:
         raise fail(str(exc)) from None
 
@@ -198,8 +235,7 @@ def status(
     if json:
         print_json(doc)
         return
-    table = Table(show_header=False, title="p2pcache node")
-    for key in (
+    keys = (
         "peer_id",
         "model",
         "model_hash",
@@ -215,10 +251,9 @@ def status(
         "share_by_default",
         "draining",
         "version",
-    ):
-        v = doc.get(key)
-        table.add_row(key, ", ".join(v) if isinstance(v, list) else str(v))
-    out_console.print(table)
+    )
+    # Lines, not a table: peer ids and multiaddrs are copied from here whole (any width).
+    print_fields([(k, doc.get(k)) for k in keys])
 
 
 # `node peers` / `node reputation` are the top-level `peers` / `reputation` commands.
@@ -229,14 +264,14 @@ app.command(name="reputation")(net.reputation)
 def print_node_cache_stats(url: str, token: str | None, as_json: bool) -> None:
     """`p2pcache cache stats --url`: the running node's /admin/cache."""
     try:
-        doc = admin_get(url, "/admin/cache", token)
+        doc = admin_get(url, "/admin/cache", token_for(url, None, token))
     except NodeUnreachable as exc:
         raise fail(str(exc)) from None
     if as_json:
         print_json(doc)
         return
-    table = Table(title=f"p2pcache node {url}", show_header=False)
-    for key in (
+    out_console.print(f"p2pcache node {url}", markup=False, highlight=False)
+    keys = (
         "entries",
         "bytes",
         "size_cap",
@@ -247,7 +282,5 @@ def print_node_cache_stats(url: str, token: str | None, as_json: bool) -> None:
         "evictions",
         "corrupt_dropped",
         "answers_by_level",
-    ):
-        v = doc.get(key)
-        table.add_row(key, f"{v:.1%}" if key == "hit_rate" else str(v))
-    out_console.print(table)
+    )
+    print_fields([(k, f"{doc.get(k):.1%}" if k == "hit_rate" else doc.get(k)) for k in keys])

@@ -237,13 +237,31 @@ class GossipIndex:
         return {"keys": len(self._by_key), "providers": peers}
 
 
+# How loud a rejection is, by its kind. Honest peers re-send: GossipSub delivers a producer's
+# adverts over several routes and out of order, and a message can come again once the seen-cache
+# forgot it, so a sequence number not above the last one is routine (debug). Stale adverts come
+# from skewed clocks and banned ones are known already (info). The rest can only be a forgery or
+# a broken peer (warning).
+_LOG_LEVELS = {"replay": logging.DEBUG, "stale": logging.INFO, "banned": logging.INFO}
+
+
+def rejection_kind(reason: str) -> str:
+    """The kind of an `AdRejected` reason ("replay: seq 3 <= 5" -> "replay")."""
+    return reason.split(":")[0]
+
+
+def log_rejection(reason: str, via: str) -> None:
+    level = _LOG_LEVELS.get(rejection_kind(reason), logging.WARNING)
+    log.log(level, "advert rejected (via %s): %s", via, reason)
+
+
 @dataclass
 class AdStats:
     accepted: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
 
     def reject(self, reason: str) -> None:
-        kind = reason.split(":")[0]
+        kind = rejection_kind(reason)
         self.rejected[kind] = self.rejected.get(kind, 0) + 1
 
 
@@ -308,11 +326,11 @@ class AdValidator:
             ad = self.check(bytes(msg.data), origin, topic)
         except AdRejected as exc:
             self.stats.reject(str(exc))
-            log.info("advert rejected (via %s): %s", str(forwarder)[:16], exc)
+            log_rejection(str(exc), str(forwarder)[:16])
             return False
         except Exception as exc:  # never let a hostile message crash the pubsub loop
             self.stats.reject("malformed")
-            log.info("advert rejected: %r", exc)
+            log_rejection(f"malformed: {exc!r}", str(forwarder)[:16])
             return False
         self.accept(ad)
         return True

@@ -1,6 +1,8 @@
 """Who has what: the gossip index of other peers' adverts, and our own advertising.
 
-New shared entries are batched for `DirectoryConfig.ad_batch_s` into one advert; the whole
+A freshly computed shared answer is announced at once (`announce`: the resolver awaits it
+before the answer goes back, so a peer asked next finds the advert); other new shared entries
+are batched for `DirectoryConfig.ad_batch_s` into one advert; the whole
 inventory (the `Inventory` sources: store entries, KV chunk tips) is re-announced every
 `readvertise_s`, and soon after a new peer joins our ad mesh (adverts only reach mesh peers:
 one that joined later missed them; at start-up the mesh is empty, so this is also when a
@@ -31,6 +33,10 @@ from p2pcache.net.gossip import Gossip
 from p2pcache.store import Entry, Store
 
 log = logging.getLogger(__name__)
+
+ANNOUNCE_WAIT_S = 1.0
+"""`Directory.announce` holds an answer back at most this long for its advert (a slow or stuck
+mesh peer must not delay the client; the publish goes on behind)."""
 
 
 class Inventory(Protocol):
@@ -97,6 +103,9 @@ class Directory:
         self._pending: dict[str, AdEntry] = {}
         self._pending_wake = trio.Event()
         self._seq = 0
+        # Set while `run` runs: where `announce` publishes, and the nursery its publish runs in.
+        self._gossip: Gossip | None = None
+        self._nursery: trio.Nursery | None = None
 
     # -- the index ------------------------------------------------------------------------
     def providers(self, key: str, level: str = "decoder_final") -> list[Provider]:
@@ -129,14 +138,47 @@ class Directory:
         return [p.peer_id for p in self.index.providers(key, level)]
 
     # -- advertising ----------------------------------------------------------------------
+    def _ad_of(self, entry: Entry) -> AdEntry | None:
+        """The ad entry of a shared entry of our model; None for one that never leaves."""
+        if entry.privacy_flag or entry.model_hash != self.model_hash:
+            return None
+        return AdEntry(entry.cache_level, entry.input_sha256, entry.size, entry.output.sha256())
+
     def advertise(self, entry: Entry) -> None:
         """Queue a shared entry for the next advert batch. Private entries never leave."""
-        if entry.privacy_flag or entry.model_hash != self.model_hash:
+        ad = self._ad_of(entry)
+        if ad is None:
             return
-        self._pending[entry.input_sha256] = AdEntry(
-            entry.cache_level, entry.input_sha256, entry.size, entry.output.sha256()
-        )
+        self._pending[entry.input_sha256] = ad
         self._pending_wake.set()
+
+    async def announce(self, entry: Entry, wait_s: float = ANNOUNCE_WAIT_S) -> None:
+        """Publish a shared entry's advert now rather than in the next batch, and return once
+        it is published (at most ``wait_s``: the publish goes on in the background). For an
+        answer just computed: a peer asked right after it was returned must find the advert.
+        Before `run` starts it is queued like `advertise`."""
+        ad = self._ad_of(entry)
+        if ad is None:
+            return
+        gossip, nursery = self._gossip, self._nursery
+        if gossip is None or nursery is None:
+            self.advertise(entry)
+            return
+        self._pending.pop(entry.input_sha256, None)  # queued by the tier: not twice
+        done = trio.Event()
+        nursery.start_soon(self._publish_now, gossip, ad, done)
+        with trio.move_on_after(wait_s):
+            await done.wait()
+
+    async def _publish_now(self, gossip: Gossip, ad: AdEntry, done: trio.Event) -> None:
+        try:
+            await self._publish(gossip, [ad])
+        except Exception as exc:  # the next batch tries again
+            log.warning("could not announce %s: %r", ad.key[:12], exc)
+            self._pending[ad.key] = ad
+            self._pending_wake.set()
+        finally:
+            done.set()
 
     def advertise_ads(self, ads: Sequence[AdEntry]) -> None:
         """Queue ready-made ad entries (kv_prefix chunk tips, which are not store entries)."""
@@ -211,4 +253,9 @@ class Directory:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._batch, gossip)
             nursery.start_soon(self._readvertise, gossip)
-            task_status.started()
+            self._gossip, self._nursery = gossip, nursery
+            try:
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._gossip = self._nursery = None

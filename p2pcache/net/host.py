@@ -31,6 +31,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from p2pcache.identity import Identity
 from p2pcache.net.config import DEFAULT_LISTEN, DIAL_TIMEOUT_S
+from p2pcache.net.ports import check_listen_addrs
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,9 @@ async def dial(host: IHost, addr: str, timeout_s: float = DIAL_TIMEOUT_S) -> Pee
 
 @asynccontextmanager
 async def running_host(identity: Identity, config: HostConfig) -> AsyncIterator[IHost]:
-    """A started host listening on ``config.listen``; closed (all connections) on exit."""
+    """A started host listening on ``config.listen``; closed (all connections) on exit.
+    StartupError if a listen port is taken: py-libp2p would share it silently (ports.py)."""
+    check_listen_addrs(config.listen)  # right before listening: the smallest race window
     host = build_host(identity, config)
     async with host.run(listen_addrs=[multiaddr.Multiaddr(a) for a in config.listen]):
         try:

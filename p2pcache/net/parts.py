@@ -73,9 +73,20 @@ class Judge(Protocol):
         ...
 
     def fetched(
-        self, peer_id: str, nbytes: int, seconds: float, ttfb_s: float | None = None
+        self,
+        peer_id: str,
+        nbytes: int,
+        seconds: float,
+        ttfb_s: float | None = None,
+        draft_tokens: int = 0,
     ) -> None:
-        """A fetch from the peer succeeded (and its value checked out)."""
+        """A fetch from the peer succeeded (and its value checked out: ``draft_tokens`` of an
+        answer were the local model's own choices)."""
+        ...
+
+    def near_tie(self, peer_id: str, draft_tokens: int) -> None:
+        """The peer's answer left the local choices within float noise at its token
+        ``draft_tokens - 1``: not a lie, counted against the honest rate."""
         ...
 
     def fetch_failed(self, peer_id: str, exc: FetchError) -> bool:
@@ -97,9 +108,16 @@ class Ranking(Protocol):
 
 class Verifier(Protocol):
     async def verify(
-        self, entry: Entry, key: str, prompt: Sequence[int], params: SamplingParams
+        self,
+        entry: Entry,
+        key: str,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        *,
+        tail: bool = True,
     ) -> Verdict:
-        """Whether ``entry`` is what the local model would answer to ``prompt``."""
+        """``entry`` walked as a draft by the local model (`p2pcache.net.verify`); with
+        ``tail`` the verdict carries the local answer when the draft diverges."""
         ...
 
 

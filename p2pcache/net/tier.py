@@ -15,13 +15,16 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from p2pcache.identity import Identity
 from p2pcache.keys import SamplingParams
 from p2pcache.net.ads import Provider
 from p2pcache.net.config import TierConfig
 from p2pcache.net.fetch import FetchError, FetchRequest, NotFound, entry_from_wire
 from p2pcache.net.parts import Judge, Listings, PeerLink, Proof, Ranking, Verifier
-from p2pcache.resolver import Answer, Keyed, Level, PeerDetails, answer_from_output
-from p2pcache.store import Entry, Store, StoreError
+from p2pcache.net.verify import Verdict
+from p2pcache.resolver import Answer, Keyed, Level, PeerDetails, Timings, answer_from_output
+from p2pcache.resolver.types import own_entry
+from p2pcache.store import Entry, Output, Store, StoreError
 
 if TYPE_CHECKING:
     from p2pcache.metrics import NodeMetrics
@@ -36,6 +39,7 @@ class PeerTier:
         self,
         model_hash: str,
         store: Store,
+        identity: Identity,
         *,
         peers: PeerLink,
         listings: Listings,
@@ -47,6 +51,7 @@ class PeerTier:
     ) -> None:
         self.model_hash = model_hash
         self.store = store
+        self.identity = identity  # signs the answers this node finishes after a divergence
         self.peers = peers
         self.listings = listings
         self.judge = judge
@@ -100,25 +105,72 @@ class PeerTier:
         fetch_ms = (time.perf_counter() - t0) * 1000
         if self.metrics is not None:
             self.metrics.bytes_fetched.inc(len(got.body))
+        producer = entry.producer
         verdict = await self.verifier.verify(entry, keyed.key, keyed.tokens, params)
-        if not verdict.ok:
-            # The wrong answer never reaches the client: record, prove, try the next provider.
+        self._count(verdict)
+        outcome = verdict.outcome
+        draft_tokens = verdict.position + 1 if verdict.position >= 0 else len(entry.output.tokens)
+        if verdict.blamed:
+            # The wrong answer never reaches the client: record, prove, publish.
             self.stats["verified_failures"] += 1
-            if self.metrics is not None:
-                self.metrics.verification_failures.inc()
             log.warning(
                 "L2: %s served a wrong answer for %s: %s", pid[:16], keyed.key[:12], verdict.reason
             )
             await self.judge.convict(pid, verdict.reason, Proof(got, keyed.tokens, params))
-            return None
-        if verdict.position < 0 and verdict.ms > 0:  # a full teacher-forced prefill ran
+        elif verdict.kind == "near_tie":
+            log.info("L2: %s diverged within float noise: %s", pid[:16], verdict.reason)
+            self.judge.near_tie(pid, draft_tokens)
+        else:
+            self.judge.fetched(pid, len(got.body), got.seconds, got.ttfb, draft_tokens)
+        if outcome is None or outcome.generation is None:
+            return None  # refused before the model ran: try the next provider
+        if verdict.ok:
+            # One teacher-forced pass over prompt + answer: what the cost model learns from.
             self.ranking.cost.observe_prefill(
-                len(keyed.tokens) + len(entry.output.tokens), verdict.ms / 1000
+                len(keyed.tokens) + outcome.accepted, outcome.walk_ms / 1000
             )
-        self.judge.fetched(pid, len(got.body), got.seconds, got.ttfb)
-        entry.verified_by_us = True
-        entry.privacy_flag = not keyed.request.share
-        entry.prompt_tokens = len(keyed.tokens)
+            entry.verified_by_us = True
+            entry.privacy_flag = not keyed.request.share
+            entry.prompt_tokens = len(keyed.tokens)
+        else:  # the answer is ours from the divergence on: store it under our signature
+            gen = outcome.generation
+            entry = own_entry(keyed, Output(gen.tokens, gen.text, gen.finish_reason), self.identity)
+        await self._store(keyed, entry)
+        level: Level = self.level if outcome.accepted > 0 else "L3"
+        gen = outcome.generation
+        timings = Timings(
+            prefill_ms=gen.prefill_ms,
+            decode_ms=gen.decode_ms,
+            prompt_tokens=len(keyed.tokens),
+            completion_tokens=len(gen.tokens),
+            accepted_tokens=outcome.accepted,
+            local_tokens=outcome.local_tokens,
+        )
+        return answer_from_output(
+            entry.output,
+            keyed,
+            level,
+            timings=timings,
+            peer=PeerDetails(
+                peer=pid,
+                producer=producer,
+                verified=True,
+                fetch_ms=round(fetch_ms, 2),
+                verify_ms=round(outcome.walk_ms, 2),
+                bytes=len(got.body),
+            ),
+        )
+
+    def _count(self, verdict: Verdict) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.draft_outcomes.labels(verdict.kind).inc()
+        if verdict.outcome is not None:
+            self.metrics.draft_accepted.observe(verdict.outcome.accepted)
+        if verdict.blamed:
+            self.metrics.verification_failures.inc()
+
+    async def _store(self, keyed: Keyed, entry: Entry) -> None:
         try:
             await trio.to_thread.run_sync(self.store.put, entry)
         except StoreError as exc:
@@ -126,19 +178,6 @@ class PeerTier:
         else:
             if not entry.privacy_flag:
                 self.listings.advertise(entry)
-        return answer_from_output(
-            entry.output,
-            keyed,
-            self.level,
-            peer=PeerDetails(
-                peer=pid,
-                producer=entry.producer,
-                verified=True,
-                fetch_ms=round(fetch_ms, 2),
-                verify_ms=round(verdict.ms, 2),
-                bytes=len(got.body),
-            ),
-        )
 
     async def on_stored(self, keyed: Keyed, entry: Entry) -> None:
         """After L3 stored an entry: advertise it unless private."""

@@ -50,7 +50,13 @@ class Trust:
         self.verifier = verifier  # None: evidence from others is not checked (no model here)
         self.topic = evidence_topic(model_hash)
         self._on_ban = tuple(on_ban)
-        self.stats = {"accepted": 0, "rejected": 0, "confirmed": 0, "refuted": 0}
+        self.stats = {
+            "accepted": 0,
+            "rejected": 0,
+            "confirmed": 0,
+            "refuted": 0,
+            "unconfirmed": 0,
+        }
         self._send, self._recv = trio.open_memory_channel[bytes](EVIDENCE_QUEUE)
         self._gossip: Gossip | None = None
 
@@ -63,9 +69,20 @@ class Trust:
         return self.rep.gossip_score(peer_id)
 
     def fetched(
-        self, peer_id: str, nbytes: int, seconds: float, ttfb_s: float | None = None
+        self,
+        peer_id: str,
+        nbytes: int,
+        seconds: float,
+        ttfb_s: float | None = None,
+        draft_tokens: int = 0,
     ) -> None:
-        self.rep.record_success(peer_id, nbytes, seconds, ttfb_s)
+        self.rep.record_success(peer_id, nbytes, seconds, ttfb_s, draft_tokens)
+
+    def near_tie(self, peer_id: str, draft_tokens: int) -> None:
+        rec = self.rep.record_near_tie(peer_id, draft_tokens)
+        if rec.banned():
+            log.warning("%s banned: %s", peer_id[:16], rec.ban_reason)
+            self.banned(peer_id)
 
     def fetch_failed(self, peer_id: str, exc: FetchError) -> bool:
         """not_found (a stale advert) and busy say nothing against the peer; a malformed or
@@ -149,7 +166,7 @@ class Trust:
                 if self.verifier is None:
                     continue
                 verdict = await self.verifier.verify(
-                    ev.entry(), ev.header.key, list(ev.prompt), ev.sampling_params()
+                    ev.entry(), ev.header.key, list(ev.prompt), ev.sampling_params(), tail=False
                 )
             except Exception as exc:
                 log.warning("evidence could not be checked: %r", exc)
@@ -160,6 +177,10 @@ class Trust:
                 log.warning(
                     "evidence from %s refuted: %s is innocent", ev.accuser[:16], ev.liar[:16]
                 )
+            elif not verdict.blamed:
+                # Within float noise here: neither side is blamed on our own model's word.
+                self.stats["unconfirmed"] += 1
+                log.info("evidence from %s not confirmed: %s", ev.accuser[:16], verdict.reason)
             else:
                 self.stats["confirmed"] += 1
                 rec = self.rep.record_verified_failure(

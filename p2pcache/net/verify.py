@@ -1,168 +1,185 @@
-"""Verification of a fetched `decoder_final` by one teacher-forced prefill on the local model.
+"""A fetched `decoder_final` is a draft: serve exactly what the local model would say.
 
-`LlamaBackend.check(prompt, completion, top_k, logprob_floor)` runs it and returns, per
-completion token, the local argmax, the logit gap to it and, when asked, its rank and whether its
-log-prob is under the floor (on the same logits, the same decisions as `LlamaBackend.score`'s
-full log-softmax and top-k, at a fraction of the cost: `p2pcache.backend.logit_checks`). The rules:
+Verification works the way speculative decoding treats a draft model's tokens
+(`LlamaBackend.follow_draft`): one teacher-forced pass over prompt + claimed output gives the
+local logits at every position, and the request's own sampler chain (greedy, or the seeded
+sampler with the request's seed, penalties and grammar) picks the local token at each position
+in turn. The longest prefix where the claimed tokens equal the local choices is accepted; at
+the first divergence the local token is taken and the rest is generated here. What the client
+gets is the local model's own choice at every position: there is no tolerance a liar could
+use to steer it.
 
-- greedy (temperature 0, repeat_penalty 1, no grammar): every token is the local argmax or
-  within `VerifyConfig.greedy_logit_tol` of it;
-- sampled (or a penalty/grammar that reshapes logits): every token is in the local top-k
-  (when top_k > 0), within ``-ln(min_p)`` (+ tolerance) of the best logit (when min_p > 0),
-  and above a log-prob floor;
-- the ending: ``finish_reason == "length"`` needs exactly ``max_tokens`` tokens; a plain
-  ``"stop"`` needs the local model to end there (the best next token is end-of-generation,
-  within the tolerance), checked by scoring one extra end-of-generation token; a stop string
-  needs the text to be the detokenized output cut at its first stop string;
-- the text equals the detokenized tokens, the key recomputes from (model, prompt, params), and
-  the producer's signature over the entry is valid.
+Before the model runs, the static checks (no model) refuse an entry that is malformed or
+inconsistent: wrong level, model, key or params, a bad producer signature, more tokens than
+``max_tokens``, text that is not the detokenized tokens (or their cut at a stop string), a
+``length`` ending without ``max_tokens`` tokens, an end-of-generation token inside the output.
+
+Blame: a divergence is a lie unless float noise explains it. llama.cpp's kernels differ
+between batch shapes and between hardware, so at a near-tie an honest answer may differ from
+this node's choice. A divergence is a near-tie when the local margin between the local choice
+and the claimed token is within `VerifyConfig.near_tie_margin` (greedy), or when the two
+tokens are neighbours in the local sampling order, up to `VerifyConfig.near_tie_mass` of
+probability between them (noise shifts a seeded draw's cumulative distribution a little:
+it can cross a boundary, not a block of probable tokens). Near-ties are not evidence; the
+reputation counts them, and a peer that has more of them than honest noise explains is
+penalised. Anything else is a lie: published as signed evidence that receivers re-check with
+this same function.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
-from p2pcache.backend import BackendWorker, stop_cut
+from p2pcache.backend import BackendWorker, Divergence, DraftOutcome, stop_cut
 from p2pcache.keys import SamplingParams, input_sha256
 from p2pcache.net.config import VerifyConfig
 from p2pcache.net.peer_keys import verify_by_peer
 from p2pcache.store import Entry
 
-
-class ChecksLike(Protocol):
-    argmax: list[int]
-    gaps: list[float]
-    ranks: list[int]  # logits strictly above the token's (asked with top_k > 0)
-    below_floor: list[bool]  # log p(token) < the floor (asked with a floor)
+Kind = Literal["match", "near_tie", "lie", "malformed"]
 
 
-class Scorer(Protocol):
+class DraftModel(Protocol):
     """What verification needs from the local model (`LlamaBackend` is one)."""
 
-    def check(
+    def follow_draft(
         self,
         prompt: Sequence[int],
-        completion: Sequence[int],
-        top_k: int = 0,
-        logprob_floor: float | None = None,
-    ) -> ChecksLike: ...
+        draft: Sequence[int],
+        params: SamplingParams,
+        on_token: None = None,
+        *,
+        tail: bool = True,
+    ) -> DraftOutcome: ...
 
     def detokenize(self, tokens: Sequence[int]) -> str: ...
 
     def is_eog(self, token: int) -> bool: ...
 
-    @property
-    def eog_token(self) -> int: ...
-
 
 @dataclass(frozen=True)
 class Verdict:
-    ok: bool
+    """``kind``: match (the entry is exactly the local answer), near_tie (it diverged within
+    float noise: not blamed, counted), lie (diverged outside the noise, or inconsistent:
+    blamed, with evidence) or malformed (refused before the model ran: blamed).
+    ``outcome``: the walk, with the local answer when a tail was asked for."""
+
+    kind: Kind
     reason: str
-    position: int = -1  # first failing completion position, -1 if none or not positional
+    position: int = -1  # first diverging completion position, -1 if none
     ms: float = 0.0
+    outcome: DraftOutcome | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.kind == "match"
+
+    @property
+    def blamed(self) -> bool:
+        return self.kind in ("lie", "malformed")
 
 
 def check_static(
-    entry: Entry, key: str, model_hash: str, prompt: Sequence[int], params: SamplingParams
-) -> Verdict:
-    """Everything that needs no model: key, model, params, producer signature."""
+    model: DraftModel,
+    entry: Entry,
+    key: str,
+    model_hash: str,
+    prompt: Sequence[int],
+    params: SamplingParams,
+) -> str | None:
+    """Why the entry is refused without running the model, or None."""
     if entry.cache_level != "decoder_final":
-        return Verdict(False, "not a decoder_final")
+        return "not a decoder_final"
     if entry.model_hash != model_hash:
-        return Verdict(False, "entry of another model")
+        return "entry of another model"
     if entry.input_sha256 != key or input_sha256(model_hash, prompt, params) != key:
-        return Verdict(False, "key does not match prompt and params")
+        return "key does not match prompt and params"
     try:
         if SamplingParams.from_dict(entry.params) != params:
-            return Verdict(False, "entry params differ from the request")
+            return "entry params differ from the request"
     except (TypeError, ValueError):
-        return Verdict(False, "entry params malformed")
+        return "entry params malformed"
     if not verify_by_peer(entry.producer, entry.signature, entry.signing_payload()):
-        return Verdict(False, "bad producer signature")
-    if len(entry.output.tokens) > params.max_tokens:
-        return Verdict(False, "more tokens than max_tokens")
-    return Verdict(True, "static checks passed")
+        return "bad producer signature"
+    out = entry.output
+    tokens = list(out.tokens)
+    if len(tokens) > params.max_tokens:
+        return "more tokens than max_tokens"
+    if out.finish_reason not in ("stop", "length"):
+        return "unknown finish_reason"
+    if not tokens and out.finish_reason != "stop":
+        return "empty output must end with stop"
+    if out.finish_reason == "length" and len(tokens) != params.max_tokens:
+        return "finish_reason length with fewer than max_tokens tokens"
+    if any(model.is_eog(t) for t in tokens):
+        return "end-of-generation token inside the output"
+    full = model.detokenize(tokens)
+    cut = stop_cut(full, params.stop)
+    if cut >= 0:
+        if out.text != full[:cut] or out.finish_reason != "stop":
+            return "text is not the output cut at its stop string"
+        if stop_cut(model.detokenize(tokens[:-1]), params.stop) >= 0:
+            return "output continues past a stop string"
+    elif out.text != full:
+        return "text does not match the tokens"
+    return None
 
 
-def verify_decoder_final(
-    scorer: Scorer,
+def near_tie(div: Divergence, params: SamplingParams, config: VerifyConfig) -> bool:
+    """Could float noise explain this divergence? Greedy: the claimed token's logit is within
+    ``near_tie_margin`` of the local choice's. Sampled: the seeded draw would pick the claimed
+    token if the cumulative distribution moved by at most ``near_tie_mass``: the tokens
+    between the two (in logit order) hold no more than that probability."""
+    if params.greedy:
+        return div.margin <= config.near_tie_margin
+    return div.mass_between <= config.near_tie_mass
+
+
+def verify_draft(
+    model: DraftModel,
     entry: Entry,
     key: str,
     model_hash: str,
     prompt: Sequence[int],
     params: SamplingParams,
     config: VerifyConfig | None = None,
+    *,
+    tail: bool = True,
 ) -> Verdict:
-    """Blocking (runs the model): call it on the backend worker thread."""
+    """Blocking (runs the model): call it on the backend worker thread. ``tail``: after a
+    divergence, generate the rest here (the answer a client gets); False only judges."""
     config = config or VerifyConfig()
     t0 = time.perf_counter()
-    v = check_static(entry, key, model_hash, prompt, params)
-    if not v.ok:
-        return v
-    out = entry.output
-    tokens = list(out.tokens)
-    if not tokens and out.finish_reason != "stop":
-        return Verdict(False, "empty output must end with stop")
-    # Text: the detokenized tokens, or their cut at the first stop string.
-    full = scorer.detokenize(tokens)
-    cut = stop_cut(full, params.stop)
-    stop_string_end = cut >= 0
-    if stop_string_end:
-        if out.text != full[:cut] or out.finish_reason != "stop":
-            return Verdict(False, "text is not the output cut at its stop string")
-        if stop_cut(scorer.detokenize(tokens[:-1]), params.stop) >= 0:
-            return Verdict(False, "output continues past a stop string")
-    elif out.text != full:
-        return Verdict(False, "text does not match the tokens")
-    if out.finish_reason == "length" and len(tokens) != params.max_tokens:
-        return Verdict(False, "finish_reason length with fewer than max_tokens tokens")
-    if out.finish_reason not in ("stop", "length"):
-        return Verdict(False, "unknown finish_reason")
-    if any(scorer.is_eog(t) for t in tokens):
-        return Verdict(False, "end-of-generation token inside the output")
-    plain_stop = out.finish_reason == "stop" and not stop_string_end
-    strict = params.greedy and params.repeat_penalty == 1.0 and not params.grammar
-    top_k = 0 if strict else params.top_k
-    scored = tokens + ([scorer.eog_token] if plain_stop else [])
-    # Greedy needs only gaps and argmax; sampled asks for ranks and the floor test too.
-    s = scorer.check(
-        prompt, scored, top_k=top_k, logprob_floor=None if strict else config.logprob_floor
+    reason = check_static(model, entry, key, model_hash, prompt, params)
+    if reason is not None:
+        return Verdict("malformed", reason, ms=(time.perf_counter() - t0) * 1000)
+    outcome = model.follow_draft(prompt, list(entry.output.tokens), params, tail=tail)
+    ms = (time.perf_counter() - t0) * 1000
+    div = outcome.divergence
+    if div is None:
+        if outcome.matches:
+            return Verdict("match", "every token is the local choice", -1, ms, outcome)
+        # The local model ended before the draft did (static checks make this rare).
+        return Verdict(
+            "lie",
+            f"the local output ends at token {outcome.accepted}",
+            outcome.accepted,
+            ms,
+            outcome,
+        )
+    what = (
+        f"token {div.position}: claimed {div.claimed}, local {div.local} "
+        f"(margin {div.margin:.3f}, {div.rank_gap} apart, {div.mass_between:.3f} between)"
     )
-    n = len(tokens)
-    tol = config.greedy_logit_tol
-    for j in range(n):
-        if strict:
-            if s.argmax[j] != tokens[j] and s.gaps[j] > tol:
-                return _fail(f"token {j} is not the local argmax (gap {s.gaps[j]:.3f})", j, t0)
-        else:
-            if top_k > 0 and s.ranks[j] >= top_k:
-                return _fail(
-                    f"token {j} is outside the local top-{top_k} (rank {s.ranks[j] + 1})", j, t0
-                )
-            if params.min_p > 0 and s.gaps[j] > -math.log(params.min_p) + tol:
-                return _fail(f"token {j} is below min_p (gap {s.gaps[j]:.3f})", j, t0)
-            if s.below_floor[j]:
-                return _fail(f"token {j} log-prob under the floor {config.logprob_floor:g}", j, t0)
-    if plain_stop:
-        # The model must end here: its best next token is end-of-generation (any EOG id).
-        if not scorer.is_eog(s.argmax[n]) and s.gaps[n] > (
-            tol if strict else -math.log(max(params.min_p, 1e-9))
-        ):
-            return _fail("the local model does not end the output there", n, t0)
-    return Verdict(True, "verified", -1, (time.perf_counter() - t0) * 1000)
-
-
-def _fail(reason: str, pos: int, t0: float) -> Verdict:
-    return Verdict(False, reason, pos, (time.perf_counter() - t0) * 1000)
+    kind: Kind = "near_tie" if near_tie(div, params, config) else "lie"
+    return Verdict(kind, what, div.position, ms, outcome)
 
 
 class ModelVerifier:
-    """`verify_decoder_final` on the node's own model, run on its worker thread."""
+    """`verify_draft` on the node's own model, run on its worker thread."""
 
     def __init__(
         self, worker: BackendWorker, model_hash: str, config: VerifyConfig | None = None
@@ -172,11 +189,24 @@ class ModelVerifier:
         self.config = config or VerifyConfig()
 
     async def verify(
-        self, entry: Entry, key: str, prompt: Sequence[int], params: SamplingParams
+        self,
+        entry: Entry,
+        key: str,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        *,
+        tail: bool = True,
     ) -> Verdict:
         backend = self.worker.backend
         return await self.worker.run(
-            lambda: verify_decoder_final(
-                backend, entry, key, self.model_hash, list(prompt), params, self.config
+            lambda: verify_draft(
+                backend,
+                entry,
+                key,
+                self.model_hash,
+                list(prompt),
+                params,
+                self.config,
+                tail=tail,
             )
         )

@@ -238,7 +238,7 @@ def build_network(
     }
     l2 = kv_tier = None
     if verifier is not None:
-        l2 = PeerTier(model_hash, store, verifier=verifier, config=config.tier, **parts)
+        l2 = PeerTier(model_hash, store, identity, verifier=verifier, config=config.tier, **parts)
     if kv is not None and worker is not None:
         kv_tier = KvPeerTier(
             kv, model_hash, checker=ModelSpotChecker(worker, kv), config=config.kv, **parts
@@ -303,4 +303,5 @@ def build_resolver(local: LocalParts, network: Network | None = None) -> Resolve
         tiers=tiers,
         kv=local.kv,
         kv_remote=kv_remote,
+        announce=network.service.directory.announce if network is not None else None,
     )

@@ -6,7 +6,9 @@ Lifecycle:
 2. The model loads off the event loop; the store opens; bootstrap_http nodes are asked for
    their addresses (bounded wait). Then the network and the resolver are built.
 3. The network service starts (``nursery.start``), then HTTP; once HTTP listens the node
-   prints one JSON "ready" line on stdout and writes ``<data dir>/node.json``.
+   prints one JSON "ready" line on stdout and writes ``<data dir>/node.json`` and the CLI's
+   ``last-node.json`` (how `p2pcache node status` & co. find it without flags). A port taken
+   meanwhile ends the start with a one-line `StartupError` (`p2pcache.node.preflight`).
 4. On the first signal the node drains: new API requests get 503, queued requests for the
    model get 503, the running generation finishes and is stored, in-flight responses are
    sent (up to ``shutdown_timeout_s``). Then the network stops and LMDB closes.
@@ -31,6 +33,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from p2pcache.api import NodeContext, create_app
+from p2pcache.errors import StartupError
 from p2pcache.logs import fields
 from p2pcache.metrics import NodeMetrics
 from p2pcache.net.host import load_psk
@@ -44,6 +47,8 @@ from p2pcache.node.build import (
     open_local,
 )
 from p2pcache.node.config import NodeConfig
+from p2pcache.node.preflight import http_bind_message
+from p2pcache.paths import last_node_path
 from p2pcache.version import __version__
 
 log = logging.getLogger("p2pcache.node")
@@ -61,6 +66,28 @@ def _write_atomic(path: Path, doc: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def record_last_node(ready: dict[str, Any]) -> None:
+    """Tell the CLI where this node runs (`p2pcache.paths.last_node_path`). Best effort: a
+    home dir the node cannot write only costs the user a --data-dir flag."""
+    path = last_node_path()
+    keep = ("http", "data_dir", "pid", "peer_id", "admin_token_file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, {k: ready[k] for k in keep if ready.get(k) is not None})
+    except OSError as exc:
+        log.warning(
+            "cannot record the node for the CLI", extra=fields(path=str(path), error=str(exc))
+        )
+
+
+def _first_os_error(group: BaseExceptionGroup[OSError]) -> OSError:
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    assert isinstance(first, OSError)
+    return first
+
+
 def _reachable(addrs: list[str], url: str) -> list[str]:
     """The addrs worth dialing: a node reached at a non-loopback URL (another container or
     host) is not reached at its 127.0.0.1 addresses, which would dial ourselves."""
@@ -72,8 +99,9 @@ def _reachable(addrs: list[str], url: str) -> list[str]:
 
 
 async def resolve_bootstrap_http(urls: list[str], deadline_s: float) -> list[str]:
-    """The ``addrs`` of each node at ``urls`` (``/admin/status``), polling until each answers
-    or the deadline passes. A node without the network layer has no addrs: warned, skipped."""
+    """The ``addrs`` of each node at ``urls`` (its open ``/p2p``, so no admin token is needed),
+    polling until each answers or the deadline passes. A node without the network layer has no
+    addrs: warned, skipped."""
     found: list[str] = []
     if not urls:
         return found
@@ -82,7 +110,7 @@ async def resolve_bootstrap_http(urls: list[str], deadline_s: float) -> list[str
             for url in urls:
                 while True:
                     try:
-                        r = await client.get(f"{url}/admin/status")
+                        r = await client.get(f"{url}/p2p")
                         if r.status_code == 200:
                             addrs = _reachable(r.json().get("addrs") or [], url)
                             if not addrs:
@@ -108,9 +136,11 @@ async def run_node(
     *,
     ready_out: Any = None,
     install_signal_handlers: bool = True,
+    admin_token_file: Path | None = None,
 ) -> int:
     """Run a node until SIGINT/SIGTERM. Returns the process exit code (0: clean shutdown).
-    ``network`` builds the node's network from its local parts (tests pass one that lies)."""
+    ``network`` builds the node's network from its local parts (tests pass one that lies).
+    ``admin_token_file``: where a generated admin token is (named in the ready line)."""
     ready_out = ready_out or sys.stdout
     stop = trio.Event()  # first signal: drain
     signals_seen = 0
@@ -139,13 +169,17 @@ async def run_node(
         # A second signal cancels `_run` from outside: it still closes LMDB (shielded) before
         # the cancellation ends here, so the forced stop is clean too and keeps exit code 0.
         code = 0
-        code = await _run(config, network, stop, ready_out)
+        code = await _run(config, network, stop, ready_out, admin_token_file)
         outer.cancel_scope.cancel()
     return code
 
 
 async def _run(
-    config: NodeConfig, network: NetworkBuilder, stop: trio.Event, ready_out: Any
+    config: NodeConfig,
+    network: NetworkBuilder,
+    stop: trio.Event,
+    ready_out: Any,
+    admin_token_file: Path | None = None,
 ) -> int:
     t0 = time.perf_counter()
     # Loading blocks for seconds: off the loop, so signals are still noticed. Shielded, so a
@@ -229,7 +263,12 @@ async def _run(
                 finally:
                     server_done.set()
 
-            binds = await nursery.start(http_server)
+            try:
+                binds = await nursery.start(http_server)
+            except* OSError as group:  # taken since the preflight check: one line, no traceback
+                exc = _first_os_error(group)
+                message = http_bind_message(config.http_host, config.http_port, exc)
+                raise StartupError(message) from None
             ctx.http_urls = list(binds)
             ready = {
                 "event": READY_EVENT,
@@ -242,8 +281,10 @@ async def _run(
                 "data_dir": str(local.data_dir.root),
                 "pid": os.getpid(),
                 "version": __version__,
+                "admin_token_file": str(admin_token_file) if admin_token_file else None,
             }
             _write_atomic(info_file, ready)
+            record_last_node(ready)
             print(json.dumps(ready), file=ready_out, flush=True)
             log.info("node ready", extra=fields(**{k: v for k, v in ready.items() if k != "event"}))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -51,10 +52,11 @@ def run(
 ) -> dict[str, Any]:
     deadline = time.monotonic() + deadline_s
     model = httpx.get(f"{urls[0]}/v1/models", timeout=10).json()["data"][0]["id"]
-    # nodes with the network layer list p2p addresses; only they can hear adverts
-    networked = {
-        u: bool(httpx.get(f"{u}/admin/status", timeout=10).json().get("addrs")) for u in urls
-    }
+    # nodes with the network layer list p2p addresses (open /p2p); only they can hear adverts
+    networked = {u: bool(httpx.get(f"{u}/p2p", timeout=10).json().get("addrs")) for u in urls}
+    # /admin/* answers other machines only with the node's token (the testbed sets one)
+    token = os.environ.get("P2PCACHE_ADMIN_TOKEN")
+    admin_headers = {"Authorization": f"Bearer {token}"} if token else {}
     rows: list[dict[str, Any]] = []
     with httpx.Client(timeout=min(300.0, deadline_s)) as client:
         for i in range(prompts):
@@ -75,6 +77,7 @@ def run(
                     client.get(
                         f"{url}/admin/providers",
                         params={"key": key, "wait_s": wait_s},
+                        headers=admin_headers,
                         timeout=wait_s + 10,
                     )
                 body = {

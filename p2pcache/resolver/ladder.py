@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import lmdb
@@ -28,6 +29,7 @@ from p2pcache.resolver.types import (
     Request,
     Timings,
     answer_from_output,
+    own_entry,
 )
 from p2pcache.store import Entry, Output, Store, StoreError
 
@@ -42,6 +44,15 @@ log = logging.getLogger(__name__)
 INLINE_TOKENIZE_CHARS = 256
 """Requests with at most this many characters of text are tokenized on the event loop
 (~0.15 ms on a 2-core CPU with Gemma 3's tokenizer, about what a hop to a thread costs)."""
+
+
+def with_chat_stops(request: Request, stops: Sequence[str]) -> Request:
+    """A chat request with the model's chat-format stops added to its own (a base model's
+    transcript ends where the model starts the next turn). In the params, so the key, the
+    stored entry and a verifying peer all see them."""
+    if request.messages is None or set(stops) <= set(request.params.stop):
+        return request
+    return replace(request, params=request.params.with_(stop=(*request.params.stop, *stops)))
 
 
 def _text_size(request: Request) -> int:
@@ -60,6 +71,10 @@ class KvRemote(Protocol):
         self, keyed: Keyed, pg: PrefixGeneration, fetched: Any
     ) -> KvPeerDetails | None:
         """After the run: advertise what it stored; returns what the peer's chunks gave."""
+
+
+Announce = Callable[[Entry], Awaitable[None]]
+"""Publishes a freshly computed shared entry's advert to peers now (`Directory.announce`)."""
 
 
 class Tier(Protocol):
@@ -111,7 +126,8 @@ class Resolver:
 
     ``tiers`` come after L0 (which is always first), in order. ``kv``: L3 resumes from stored KV
     prefixes (`p2pcache.kv`); ``kv_remote``: before such a run, the prompt's missing prefix
-    chunks are fetched from peers (needs ``kv``).
+    chunks are fetched from peers (needs ``kv``). ``announce``: a shared L3 answer's advert is
+    published before the answer is returned, so a peer asked right after it can serve it (L2).
     """
 
     def __init__(
@@ -123,6 +139,7 @@ class Resolver:
         tiers: Sequence[Tier] = (),
         kv: KvPrefixCache | None = None,
         kv_remote: KvRemote | None = None,
+        announce: Announce | None = None,
     ) -> None:
         if kv_remote is not None and kv is None:
             raise ValueError("kv_remote needs a KV prefix cache (kv)")
@@ -133,14 +150,18 @@ class Resolver:
         self.tiers: tuple[Tier, ...] = (ExactTier(store), *tiers)
         self.kv = kv
         self.kv_remote = kv_remote
+        self.announce = announce
         self._flights: dict[str, _Flight] = {}
         self.computations = 0  # L3 runs, for tests and metrics
 
     async def keyed(self, request: Request) -> Keyed:
         """Tokenize ``request`` and key it. Long texts are tokenized off the event loop
         (`BackendWorker.run_text`, beside any running generation); short ones inline, where
-        tokenizing costs less than the hop to a thread (as an L0 read does)."""
+        tokenizing costs less than the hop to a thread (as an L0 read does). A chat request
+        gets the stops of the model's chat format (`with_chat_stops`): ``Keyed.request``
+        is the request as answered."""
         backend = self.worker.backend
+        request = with_chat_stops(request, backend.chat_format.stops)
 
         def tokens() -> list[int]:
             if request.messages is not None:
@@ -203,6 +224,14 @@ class Resolver:
             del self._flights[keyed.key]
             flight.done.set()
 
+    async def _announce(self, entry: Entry) -> None:
+        if self.announce is None or entry.privacy_flag:
+            return
+        try:  # the answer is served even if its advert is not
+            await self.announce(entry)
+        except Exception:
+            log.exception("could not announce %s", entry.input_sha256[:12])
+
     async def _compute(self, keyed: Keyed, on_token: TokenHook | None = None) -> Answer:
         """L3: run the model, then store the result (a failed write never loses the answer)."""
         params = keyed.request.params
@@ -223,18 +252,7 @@ class Resolver:
         else:
             gen = await self.worker.generate(keyed.tokens, params, on_token)
         output = Output(tokens=gen.tokens, text=gen.text, finish_reason=gen.finish_reason)
-        entry = Entry(
-            input_sha256=keyed.key,
-            model_hash=keyed.model_hash,
-            cache_level="decoder_final",
-            output=output,
-            params=params.to_dict(),
-            privacy_flag=not keyed.request.share,
-            producer=self.identity.peer_id,
-            verified_by_us=True,
-            prompt_tokens=len(keyed.tokens),
-        )
-        entry.signature = self.identity.sign(entry.signing_payload())
+        entry = own_entry(keyed, output, self.identity)
         try:
             await trio.to_thread.run_sync(self.store.put, entry)
         except StoreError as exc:
@@ -245,6 +263,7 @@ class Resolver:
                     await tier.on_stored(keyed, entry)
                 except Exception:
                     log.exception("%s could not take %s", tier.level, keyed.key[:12])
+            await self._announce(entry)
         timings = Timings(
             prefill_ms=gen.prefill_ms,
             decode_ms=gen.decode_ms,
@@ -252,5 +271,6 @@ class Resolver:
             cached_prompt_tokens=cached_tokens,
             peer_prompt_tokens=kv_peer.tokens if kv_peer is not None else 0,
             completion_tokens=len(gen.tokens),
+            local_tokens=len(gen.tokens),
         )
         return answer_from_output(output, keyed, "L3", timings=timings, kv_peer=kv_peer)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from p2pcache.identity import Identity
 from p2pcache.keys import SamplingParams
-from p2pcache.store import Output
+from p2pcache.store import Entry, Output
 
 Level = Literal["L0", "L1", "L2", "L3"]
 
@@ -50,6 +51,10 @@ class Timings:
         0  # ... of which came from KV chunks fetched from a peer for this request
     )
     completion_tokens: int = 0
+    # L2: tokens of the peer's answer the local model's own choices confirmed, and tokens
+    # generated here after the first divergence (L3: all of them are local).
+    accepted_tokens: int = 0
+    local_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -134,3 +139,20 @@ def answer_from_output(
         kv_peer=kv_peer,
         semantic=semantic,
     )
+
+
+def own_entry(keyed: Keyed, output: Output, identity: Identity) -> Entry:
+    """The `decoder_final` entry of an answer this node's model produced, signed by it."""
+    entry = Entry(
+        input_sha256=keyed.key,
+        model_hash=keyed.model_hash,
+        cache_level="decoder_final",
+        output=output,
+        params=keyed.request.params.to_dict(),
+        privacy_flag=not keyed.request.share,
+        producer=identity.peer_id,
+        verified_by_us=True,
+        prompt_tokens=len(keyed.tokens),
+    )
+    entry.signature = identity.sign(entry.signing_payload())
+    return entry

@@ -28,6 +28,21 @@ import re
 from collections import Counter
 from collections.abc import Callable
 
+from p2pcache.semantic.contrast import (
+    added_condition,
+    measure_scales,
+    prefix_antonym,
+    quantifier_clash,
+    role_clash,
+    scale_clash,
+    tense_clash,
+    time_clash,
+)
+from p2pcache.semantic.words import ARTICLES as _ARTICLES
+from p2pcache.semantic.words import STOP as _STOP
+from p2pcache.semantic.words import norm_words as _norm_words
+from p2pcache.semantic.words import stem as _stem
+
 # Two replaced spans must be at least this similar (MiniLM cosine) to count as synonyms:
 # "built"/"constructed" 0.83, "buy"/"purchase" 0.87 pass; "value"/"key" 0.39,
 # "boiling"/"melting" 0.52, "tokyo"/"osaka" 0.81 (caught as entities) do not.
@@ -129,78 +144,8 @@ _NEGATIONS = {
     "non",
 }
 
-# Terms whose substitution changes the answer while barely moving the embedding.
-_KEY_TERMS = {
-    # programming languages and tools
-    "python",
-    "javascript",
-    "typescript",
-    "java",
-    "kotlin",
-    "scala",
-    "c",
-    "c++",
-    "c#",
-    "golang",
-    "rust",
-    "ruby",
-    "php",
-    "perl",
-    "swift",
-    "objective-c",
-    "haskell",
-    "elixir",
-    "erlang",
-    "lua",
-    "r",
-    "matlab",
-    "julia",
-    "bash",
-    "shell",
-    "powershell",
-    "sql",
-    "mysql",
-    "postgresql",
-    "postgres",
-    "sqlite",
-    "mongodb",
-    "redis",
-    "html",
-    "css",
-    "react",
-    "vue",
-    "angular",
-    "django",
-    "flask",
-    "node.js",
-    "numpy",
-    "pandas",
-    "git",
-    "docker",
-    "kubernetes",
-    "fortran",
-    "cobol",
-    "dart",
-    "zig",
-    "assembly",
-    "excel",
-    # data formats
-    "json",
-    "yaml",
-    "xml",
-    "csv",
-    "toml",
-    "pdf",
-    # operating systems and platforms
-    "windows",
-    "linux",
-    "macos",
-    "mac",
-    "ubuntu",
-    "android",
-    "ios",
-    "iphone",
-    # units
+# Units: a key term, and a sign that the answer is a quantity.
+_UNITS = {
     "meter",
     "meters",
     "metre",
@@ -278,6 +223,79 @@ _KEY_TERMS = {
     "acres",
     "hectare",
     "hectares",
+}
+
+# Terms whose substitution changes the answer while barely moving the embedding.
+_KEY_TERMS = _UNITS | {
+    # programming languages and tools
+    "python",
+    "javascript",
+    "typescript",
+    "java",
+    "kotlin",
+    "scala",
+    "c",
+    "c++",
+    "c#",
+    "golang",
+    "rust",
+    "ruby",
+    "php",
+    "perl",
+    "swift",
+    "objective-c",
+    "haskell",
+    "elixir",
+    "erlang",
+    "lua",
+    "r",
+    "matlab",
+    "julia",
+    "bash",
+    "shell",
+    "powershell",
+    "sql",
+    "mysql",
+    "postgresql",
+    "postgres",
+    "sqlite",
+    "mongodb",
+    "redis",
+    "html",
+    "css",
+    "react",
+    "vue",
+    "angular",
+    "django",
+    "flask",
+    "node.js",
+    "numpy",
+    "pandas",
+    "git",
+    "docker",
+    "kubernetes",
+    "fortran",
+    "cobol",
+    "dart",
+    "zig",
+    "assembly",
+    "excel",
+    # data formats
+    "json",
+    "yaml",
+    "xml",
+    "csv",
+    "toml",
+    "pdf",
+    # operating systems and platforms
+    "windows",
+    "linux",
+    "macos",
+    "mac",
+    "ubuntu",
+    "android",
+    "ios",
+    "iphone",
     # currencies
     "dollar",
     "dollars",
@@ -383,6 +401,54 @@ _ANTONYMS = [
     ("cheaper", "expensive"),
     ("faster", "slower"),
     ("safe", "dangerous"),
+    # verbs and particles whose opposite barely moves a sentence embedding
+    ("float", "sink"),
+    ("in", "out"),
+    ("on", "off"),
+    ("accept", "decline"),
+    ("accept", "reject"),
+    ("attach", "detach"),
+    ("hide", "show"),
+    ("hide", "unhide"),
+    ("raise", "lower"),
+    ("expand", "collapse"),
+    ("merge", "split"),
+    ("arrive", "depart"),
+    ("enter", "exit"),
+    ("pass", "fail"),
+    ("include", "exclude"),
+    ("allow", "block"),
+    ("allow", "deny"),
+    ("love", "hate"),
+    ("remember", "forget"),
+    ("send", "receive"),
+    ("give", "take"),
+    ("teach", "learn"),
+    ("rise", "set"),
+    ("maximize", "minimize"),
+    ("public", "private"),
+    ("internal", "external"),
+    ("inner", "outer"),
+    ("input", "output"),
+    ("positive", "negative"),
+    ("odd", "even"),
+    ("plus", "minus"),
+    ("day", "night"),
+    ("morning", "evening"),
+    ("beginning", "end"),
+    ("start", "end"),
+    ("start", "finish"),
+    ("top", "bottom"),
+    ("front", "back"),
+    ("forward", "backward"),
+    ("horizontal", "vertical"),
+    ("horizontally", "vertically"),
+    ("upper", "lower"),
+    ("sunrise", "sunset"),
+    ("wake", "sleep"),
+    ("attack", "defend"),
+    ("win", "loss"),
+    ("profit", "loss"),
 ]
 _OPPOSITE: dict[str, set[str]] = {}
 for _a, _b in _ANTONYMS:
@@ -513,124 +579,6 @@ def antonym_clash(a: str, b: str) -> str | None:
     return None
 
 
-# Function words: never the "content" of a swap or an order check.
-_STOP = {
-    "a",
-    "an",
-    "the",
-    "i",
-    "me",
-    "my",
-    "we",
-    "our",
-    "you",
-    "your",
-    "it",
-    "its",
-    "they",
-    "them",
-    "their",
-    "he",
-    "she",
-    "his",
-    "her",
-    "this",
-    "that",
-    "these",
-    "those",
-    "there",
-    "here",
-    "is",
-    "are",
-    "was",
-    "were",
-    "be",
-    "been",
-    "being",
-    "am",
-    "do",
-    "does",
-    "did",
-    "doing",
-    "have",
-    "has",
-    "had",
-    "can",
-    "could",
-    "should",
-    "would",
-    "will",
-    "shall",
-    "may",
-    "might",
-    "must",
-    "what",
-    "which",
-    "who",
-    "whom",
-    "whose",
-    "where",
-    "when",
-    "why",
-    "how",
-    "of",
-    "in",
-    "on",
-    "at",
-    "to",
-    "into",
-    "from",
-    "for",
-    "by",
-    "with",
-    "about",
-    "as",
-    "than",
-    "and",
-    "or",
-    "but",
-    "if",
-    "so",
-    "then",
-    "up",
-    "out",
-    "over",
-    "under",
-    "between",
-    "per",
-    "some",
-    "any",
-    "each",
-    "every",
-    "all",
-    "much",
-    "many",
-    "also",
-    "just",
-    "very",
-    "too",
-    "please",
-    "way",
-    "get",
-    "make",
-    "s",
-    "one",
-    "ones",
-    "thing",
-    "things",
-    "kind",
-    "t",
-    "don",
-    "doesn",
-    "didn",
-    "isn",
-    "aren",
-    "wasn",
-    "weren",
-    "won",
-    "couldn",
-}
-_ARTICLES = {"a", "an", "the"}
 _DIRECTIONAL_GAP = {"to", "into", "from", "a", "an", "the"}  # "X to Y": X and Y keep their roles
 _TYPED_WH = {
     "when": "time",
@@ -640,27 +588,56 @@ _TYPED_WH = {
     "whose": "person",
     "why": "reason",
 }
-_LOWER_WORD = re.compile(r"[a-z0-9][a-z0-9+#\-]*")
-
-
-def _norm_words(text: str) -> list[str]:
-    out = []
-    for w in _LOWER_WORD.findall(
-        text.lower().replace("’", "'").replace("'s ", " ").replace("'s?", "?")
-    ):
-        out.append(w)
-    return out
-
-
-def _stem(w: str) -> str:
-    # Just enough to pair "eats"/"eat", "pandas"/"panda": order checks compare stems.
-    if len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
-        return w[:-1]
-    return w
 
 
 def question_types(text: str) -> set[str]:
-    return {_TYPED_WH[w] for w in _norm_words(text) if w in _TYPED_WH}
+    """The kinds of answer asked: time, place, person, reason; for "how", a quantity ("how
+    many/much"), a measure ("how tall" -> height, "how old" -> age) or a manner ("how do")."""
+    words = _norm_words(text)
+    out = {_TYPED_WH[w] for w in words if w in _TYPED_WH}
+    for i, w in enumerate(words[:-1]):
+        if w == "how":
+            out.add(_how_type(words[i + 1]))
+    return out
+
+
+# Nouns that ask for a quantity without "how many": "the number of sides", "the population".
+_QUANTITY_NOUNS = {
+    "number",
+    "amount",
+    "count",
+    "total",
+    "quantity",
+    "population",
+    "price",
+    "cost",
+    "percentage",
+    "sum",
+}
+
+
+def _asks_quantity(text: str) -> bool:
+    """ "how many/much", a quantity noun, or a unit: the answer is a number. Compared only
+    as a whole: "how many languages" / "which languages" asks a list instead."""
+    words = _norm_words(text)
+    if numbers(text) or key_terms(text) & _UNITS:
+        return True  # "what is 15 percent of 200", "in Celsius"
+    for prev, w in zip(["", *words], words, strict=False):
+        if w in _QUANTITY_NOUNS and not measure_scales(prev):
+            return True  # "the largest number of moons" compares, it does not count
+        if prev == "how" and w in ("many", "much"):
+            return True
+    return False
+
+
+def _how_type(nxt: str) -> str:
+    if nxt in ("many", "much"):
+        return "quantity"
+    if nxt == "often":
+        return "frequency"
+    if scales := measure_scales(nxt):
+        return "measure:" + "/".join(scales)  # "how big" and "how large" ask the same
+    return "manner"
 
 
 def directional_pairs(text: str) -> set[tuple[str, str]]:
@@ -709,10 +686,25 @@ def swapped_words(new: str, old: str, similarity: WordSimilarity | None) -> str 
             continue  # rephrased around function words: left to the embedding and the model
         if [_stem(w) for w in x] == [_stem(w) for w in y]:
             continue
+        passive = {a[i1 - 1] if i1 else "", b[j1 - 1] if j1 else ""} & _PARTICIPLE_BEFORE
+        if len(x) == len(y) == 1 and not passive and _past_tense_pair(x[0], y[0]):
+            return f"{x[0]}/{y[0]} (tense)"  # "live"/"lived": MiniLM finds them alike
         xs, ys = " ".join(x), " ".join(y)
         if similarity is None or similarity(xs, ys) < SWAP_MIN_SIMILARITY:
             return f"{xs}/{ys}"
     return None
+
+
+# After these an -ed form is a participle or an adjective ("get sunburned"), not a tense.
+_PARTICIPLE_BEFORE = {"get", "got", "be", "been", "is", "are", "was", "were", "being"}
+
+
+def _past_tense_pair(a: str, b: str) -> bool:
+    """live/lived, start/started: the same verb in another tense."""
+    for x, y in ((a, b), (b, a)):
+        if y in (x + "ed", x + "d") or (x.endswith("y") and y == x[:-1] + "ied"):
+            return True
+    return False
 
 
 def lexical_reject(new: str, old: str, similarity: WordSimilarity | None = None) -> str | None:
@@ -732,13 +724,29 @@ def lexical_reject(new: str, old: str, similarity: WordSimilarity | None = None)
         return "entity order differs"
     if clash := antonym_clash(new, old):
         return f"opposite words ({clash})"
+    if clash := scale_clash(new, old):
+        return f"opposite words ({clash})"
+    if clash := prefix_antonym(new, old):
+        return f"opposite words ({clash})"
+    if clash := quantifier_clash(new, old):
+        return f"scope differs ({clash})"
+    if clash := tense_clash(new, old):
+        return f"tense differs ({clash})"
+    if clash := time_clash(new, old):
+        return f"time differs ({clash})"
     qn, qo = question_types(new), question_types(old)
     if qn and qo and qn != qo:
         return f"question type differs ({'/'.join(sorted(qn ^ qo))})"
+    if (q := _asks_quantity(new)) != _asks_quantity(old):
+        return f"question type differs ({'' if q else 'not '}a quantity)"
+    if word := role_clash(new, old):
+        return f"roles differ ({word})"
     if swap := order_swap(new, old):
         return f"word order differs ({swap})"
     if swap := swapped_words(new, old, similarity):
         return f"swapped words ({swap})"
+    if extra := added_condition(new, old, similarity):
+        return f"condition differs ({extra})"
     return None
 
 

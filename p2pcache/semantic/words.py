@@ -1,0 +1,141 @@
+"""Word-level helpers shared by the L1 gate's lexical checks (`lexical`, `contrast`)."""
+
+from __future__ import annotations
+
+import re
+
+# Function words: never the "content" of a swap or an order check.
+STOP = {
+    "a",
+    "an",
+    "the",
+    "i",
+    "me",
+    "my",
+    "we",
+    "our",
+    "you",
+    "your",
+    "it",
+    "its",
+    "they",
+    "them",
+    "their",
+    "he",
+    "she",
+    "his",
+    "her",
+    "this",
+    "that",
+    "these",
+    "those",
+    "there",
+    "here",
+    "is",
+    "are",
+    "was",
+    "were",
+    "be",
+    "been",
+    "being",
+    "am",
+    "do",
+    "does",
+    "did",
+    "doing",
+    "have",
+    "has",
+    "had",
+    "can",
+    "could",
+    "should",
+    "would",
+    "will",
+    "shall",
+    "may",
+    "might",
+    "must",
+    "what",
+    "which",
+    "who",
+    "whom",
+    "whose",
+    "where",
+    "when",
+    "why",
+    "how",
+    "of",
+    "in",
+    "on",
+    "at",
+    "to",
+    "into",
+    "from",
+    "for",
+    "by",
+    "with",
+    "about",
+    "as",
+    "than",
+    "and",
+    "or",
+    "but",
+    "if",
+    "so",
+    "then",
+    "up",
+    "out",
+    "over",
+    "under",
+    "between",
+    "per",
+    "some",
+    "any",
+    "each",
+    "every",
+    "all",
+    "much",
+    "many",
+    "also",
+    "just",
+    "very",
+    "too",
+    "please",
+    "way",
+    "get",
+    "make",
+    "s",
+    "one",
+    "ones",
+    "thing",
+    "things",
+    "kind",
+    "t",
+    "don",
+    "doesn",
+    "didn",
+    "isn",
+    "aren",
+    "wasn",
+    "weren",
+    "won",
+    "couldn",
+}
+ARTICLES = {"a", "an", "the"}
+LOWER_WORD = re.compile(r"[a-z0-9][a-z0-9+#\-]*")
+
+
+def norm_words(text: str) -> list[str]:
+    out = []
+    for w in LOWER_WORD.findall(
+        text.lower().replace("’", "'").replace("'s ", " ").replace("'s?", "?")
+    ):
+        out.append(w)
+    return out
+
+
+def stem(w: str) -> str:
+    # Just enough to pair "eats"/"eat", "pandas"/"panda": order checks compare stems.
+    if len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
+        return w[:-1]
+    return w
