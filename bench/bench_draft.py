@@ -4,6 +4,7 @@ that decides what a divergence means.
     flock -x /tmp/p2pcache-bench.lock .venv/bin/python bench/bench_draft.py [--runs 3]
         [--sizes 64,256] [--json out.json]
     .venv/bin/python bench/bench_draft.py --noise [--prompts 24] [--sizes 64]
+    .venv/bin/python bench/bench_draft.py --l1 [--pairs 12] [--sizes 64]
 
 Default (``sweep``): one process, the real model, greedy chat prompts. Per output size and
 run: L3 generates the answer (its time is what a miss costs); that answer is the honest draft.
@@ -21,6 +22,10 @@ round differently), greedy and sampled: the share of answers accepted whole, the
 per checked token, and the margins and the probability between the tokens at each divergence.
 These set `VerifyConfig.near_tie_margin` / ``near_tie_mass`` and the reputation's
 ``NEAR_TIE_RATE``.
+
+``--l1``: the walk as an exact L1 mode: for labelled paraphrase and near-miss pairs
+(tests/data/l1_adversarial.jsonl), the cached prompt's greedy answer walked as the draft of
+the new prompt's: how much of it is accepted, and the time against L3 on the new prompt.
 """
 
 from __future__ import annotations
@@ -174,6 +179,44 @@ def noise(n_prompts: int, sizes: list[int]) -> dict[str, Any]:
     return result
 
 
+def l1_exact(pairs: int, n_tokens: int) -> dict[str, Any]:
+    """The walk as an exact L1: a similar prompt's cached answer as the draft for the new one."""
+    from p2pcache.keys import SamplingParams
+
+    backend = load_backend()
+    data = [
+        json.loads(line)
+        for line in (ROOT / "tests" / "data" / "l1_adversarial.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    params = SamplingParams(max_tokens=n_tokens)
+    result: dict[str, Any] = {}
+    for label in ("paraphrase", "near_miss"):
+        rows = [d for d in data if d["label"] == label][::7][:pairs]
+        acc, frac, ratio = [], [], []
+        for d in rows:
+            cached = backend.chat_tokens([{"role": "user", "content": d["cached"]}])
+            query = backend.chat_tokens([{"role": "user", "content": d["query"]}])
+            draft = backend.generate(cached, params).tokens
+            t0 = time.perf_counter()
+            l3 = backend.generate(query, params)
+            l3_ms = (time.perf_counter() - t0) * 1000
+            t0 = time.perf_counter()
+            out = backend.follow_draft(query, draft, params)
+            ms = (time.perf_counter() - t0) * 1000
+            acc.append(out.accepted)
+            frac.append(out.accepted / max(1, len(l3.tokens)))
+            ratio.append(ms / l3_ms)
+        result[label] = {
+            "pairs": len(rows),
+            "accepted_p50": med(acc),
+            "accepted_share_p50": med(frac),
+            "accepted_whole": sum(f >= 1 for f in frac),
+            "time_vs_l3_p50": med(ratio),
+        }
+    return result
+
+
 def print_sweep(table: list[dict[str, Any]]) -> None:
     head = (
         f"{'tokens':>6} {'diverge at':>10} {'accepted':>8} {'local':>6} {'L3 ms':>8} "
@@ -207,11 +250,19 @@ def main() -> None:
     ap.add_argument("--sizes", default="64,256", help="output sizes, comma-separated")
     ap.add_argument("--noise", action="store_true", help="measure honest divergences instead")
     ap.add_argument("--prompts", type=int, default=24, help="prompts per size and mode (noise)")
+    ap.add_argument(
+        "--l1", action="store_true", help="the walk as an exact L1 on the labelled pairs"
+    )
+    ap.add_argument("--pairs", type=int, default=12, help="pairs per label (--l1)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    if args.noise:
-        result: Any = noise(args.prompts, sizes)
+    if args.l1:
+        result: Any = l1_exact(args.pairs, sizes[0])
+        for label, r in result.items():
+            print(label, json.dumps(r))
+    elif args.noise:
+        result = noise(args.prompts, sizes)
         print_noise(result)
     else:
         result = sweep(args.runs, sizes)

@@ -79,6 +79,9 @@ class FakeListings:
     def advertise(self, entry: Entry) -> None:
         self.advertised.append(entry)
 
+    async def announce(self, entry: Entry) -> None:
+        self.advertised.append(entry)
+
     def advertise_ads(self, ads: Sequence[AdEntry]) -> None:
         self.ads.extend(ads)
 

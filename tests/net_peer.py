@@ -91,21 +91,24 @@ class EvilSource(StoreSource):
         e = entry_from_wire(raw)
         toks = list(e.output.tokens)
         b = self.backend
+        # The verifier's own rows: the prompt in generation's batches, then 128-row blocks.
+        s = b.score(prompt, toks, top_k=5, chunk=128, merged=False)
         if self.mode == "near-tie":
-            s = b.score(prompt, toks, top_k=2, chunk=128, merged=True)
+            # The closest near-tie among the first tokens the verifier's rows agree on.
+            agree = next((j for j, ids in enumerate(s.top_ids) if ids[0] != toks[j]), len(toks))
             margin, at, alt = min(
                 (lps[0] - lps[1], j, ids[1])
                 for j, (ids, lps) in enumerate(zip(s.top_ids, s.top_logprobs, strict=True))
-                if j >= 1 and ids[0] == toks[j] and not b.is_eog(ids[1])
+                if 1 <= j < min(agree, 8) and not b.is_eog(ids[1])
             )
             toks[at] = alt
             info = {"position": at, "margin": margin}
         else:
-            s = b.score(prompt, toks, top_k=5, chunk=128, merged=True)
             steered = [j for j in range(3, len(toks), 4) if s.top_ids[j][4] != toks[j]]
             for j in steered:
                 toks[j] = s.top_ids[j][4]
             info = {"position": steered[0], "margin": None}
+        info["altered_text"] = b.detokenize(toks)
         self.altered[key] = self._resign(e, toks, b.detokenize(toks))
         return info
 

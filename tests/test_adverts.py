@@ -113,19 +113,39 @@ def test_announce_publishes_at_once_not_in_the_next_batch(tmp_path: Path) -> Non
 
 
 def test_the_resolver_announces_a_shared_answer_before_returning_it(resolver: Resolver) -> None:
+    """L3 awaits each tier's ``on_stored`` before it returns; the L2 tier's announces a
+    shared entry at once (`PeerTier.on_stored` -> `Directory.announce`)."""
+    from p2pcache.net.tier import PeerTier
+
     announced: list[Entry] = []
 
-    async def announce(entry: Entry) -> None:
-        announced.append(entry)
+    class Listings:
+        async def announce(self, entry: Entry) -> None:
+            announced.append(entry)
 
-    resolver.announce = announce
+    class L2:
+        level = "L2"
+
+        async def lookup(self, keyed: object) -> None:
+            return None
+
+        async def on_stored(self, keyed: object, entry: Entry) -> None:
+            await PeerTier.on_stored(self, keyed, entry)  # type: ignore[arg-type]
+
+        listings = Listings()
+
+    saved = resolver.tiers
+    resolver.tiers = (*saved, L2())  # type: ignore[arg-type]
     params = SamplingParams(max_tokens=2)
 
     async def ask(prompt: str, share: bool) -> None:
         await resolver.resolve(Request(prompt=prompt, params=params, share=share))
 
-    trio.run(ask, "Shared question:", True)
-    assert [e.privacy_flag for e in announced] == [False]
-    trio.run(ask, "Private question:", False)
-    trio.run(ask, "Shared question:", True)  # L0 now: nothing new to announce
-    assert len(announced) == 1
+    try:
+        trio.run(ask, "Shared question:", True)
+        assert [e.privacy_flag for e in announced] == [False]
+        trio.run(ask, "Private question:", False)
+        trio.run(ask, "Shared question:", True)  # L0 now: nothing new to announce
+        assert len(announced) == 1
+    finally:
+        resolver.tiers = saved

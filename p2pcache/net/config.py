@@ -47,15 +47,14 @@ class DirectoryConfig:
 
 @dataclass(frozen=True)
 class VerifyConfig:
-    # Same model, same CPU: llama.cpp's batched passes and its one-token decodes use different
-    # kernels, so a row's logits move by up to ~2 between the two, and an honest greedy answer
-    # can leave the walk's choice at a near-tie. The margin of such honest divergences
-    # (bench/bench_draft.py --noise, Gemma 3 270M Q4_K_M): see docs/benchmarks.md. A
-    # divergence within this margin is not blamed (it is counted); one beyond it is a lie.
-    near_tie_margin: float = 1.0
-    # Sampled requests: at most this much probability between the claimed and the local
-    # token (in the local logit order) for a divergence to count as noise.
-    near_tie_mass: float = 0.02
+    # Same model, same 2-core CPU: llama.cpp's batched passes and its one-token decodes use
+    # different kernels (a row's logits move by up to ~2), so an honest answer can leave the
+    # walk's choice at a near-tie. Measured (bench/bench_draft.py --noise, docs/benchmarks.md):
+    # greedy divergences at margins up to 0.34, sampled ones with up to 0.098 of probability
+    # between the two tokens. Within these bounds (about 1.5x the largest seen) a divergence
+    # is not blamed (it is counted); beyond them it is a lie.
+    near_tie_margin: float = 0.5
+    near_tie_mass: float = 0.15
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,10 @@ class Listings(Protocol):
         """Announce a stored entry (private entries and other models' are ignored)."""
         ...
 
+    async def announce(self, entry: Entry) -> None:
+        """Publish the entry's advert now (a bounded wait), not in the next batch."""
+        ...
+
     def advertise_ads(self, ads: Sequence[AdEntry]) -> None:
         """Announce ready-made ad entries (KV prefix chunk tips)."""
         ...

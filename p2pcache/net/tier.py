@@ -1,10 +1,14 @@
-"""L2: answer from a peer that advertised the key: fetch, verify, store, answer.
+"""L2: answer from a peer that advertised the key: fetch, walk as a draft, store, answer.
 
 Providers come from the gossip index (`Listings`), best first (`Ranking`: reputation, then
 expected transfer time). The cost model skips providers whose expected fetch + verification
-time is not below computing the answer here. Each failure is recorded (`Judge`) and the next
-provider tried; a wrong answer never reaches the client: it is proven, published and the
-next provider tried. When none is left the resolver falls back to L3.
+time is not below computing the answer here. A fetched answer is walked by the local model
+(`p2pcache.net.verify`): accepted whole, it is served and stored as the peer's; diverging at
+token k, the node keeps the k accepted tokens and generates the rest, and that answer (its
+own, under its own signature) is served and stored. A lie never reaches the client: it is
+proven and published (`Judge.convict`); a near-tie is counted (`Judge.near_tie`). An entry
+refused before the model runs (malformed, badly signed) and failed fetches pass to the next
+provider; when none is left the resolver falls back to L3.
 """
 
 from __future__ import annotations
@@ -119,7 +123,8 @@ class PeerTier:
             await self.judge.convict(pid, verdict.reason, Proof(got, keyed.tokens, params))
         elif verdict.kind == "near_tie":
             log.info("L2: %s diverged within float noise: %s", pid[:16], verdict.reason)
-            self.judge.near_tie(pid, draft_tokens)
+            if params.greedy:  # sampled answers diverge too often honestly to count
+                self.judge.near_tie(pid, draft_tokens)
         else:
             self.judge.fetched(pid, len(got.body), got.seconds, got.ttfb, draft_tokens)
         if outcome is None or outcome.generation is None:
@@ -177,9 +182,10 @@ class PeerTier:
             log.warning("L2 answer for %s not cached: %s", keyed.key[:12], exc)
         else:
             if not entry.privacy_flag:
-                self.listings.advertise(entry)
+                await self.listings.announce(entry)
 
     async def on_stored(self, keyed: Keyed, entry: Entry) -> None:
-        """After L3 stored an entry: advertise it unless private."""
+        """After L3 stored an entry: announce it now unless private, before the answer is
+        returned, so a peer asked right after finds the advert (L2, not a second L3)."""
         if not entry.privacy_flag:
-            self.listings.advertise(entry)
+            await self.listings.announce(entry)

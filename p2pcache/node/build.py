@@ -303,5 +303,4 @@ def build_resolver(local: LocalParts, network: Network | None = None) -> Resolve
         tiers=tiers,
         kv=local.kv,
         kv_remote=kv_remote,
-        announce=network.service.directory.announce if network is not None else None,
     )

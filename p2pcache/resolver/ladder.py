@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -73,10 +73,6 @@ class KvRemote(Protocol):
         """After the run: advertise what it stored; returns what the peer's chunks gave."""
 
 
-Announce = Callable[[Entry], Awaitable[None]]
-"""Publishes a freshly computed shared entry's advert to peers now (`Directory.announce`)."""
-
-
 class Tier(Protocol):
     """A rung of the ladder."""
 
@@ -126,8 +122,7 @@ class Resolver:
 
     ``tiers`` come after L0 (which is always first), in order. ``kv``: L3 resumes from stored KV
     prefixes (`p2pcache.kv`); ``kv_remote``: before such a run, the prompt's missing prefix
-    chunks are fetched from peers (needs ``kv``). ``announce``: a shared L3 answer's advert is
-    published before the answer is returned, so a peer asked right after it can serve it (L2).
+    chunks are fetched from peers (needs ``kv``).
     """
 
     def __init__(
@@ -139,7 +134,6 @@ class Resolver:
         tiers: Sequence[Tier] = (),
         kv: KvPrefixCache | None = None,
         kv_remote: KvRemote | None = None,
-        announce: Announce | None = None,
     ) -> None:
         if kv_remote is not None and kv is None:
             raise ValueError("kv_remote needs a KV prefix cache (kv)")
@@ -150,7 +144,6 @@ class Resolver:
         self.tiers: tuple[Tier, ...] = (ExactTier(store), *tiers)
         self.kv = kv
         self.kv_remote = kv_remote
-        self.announce = announce
         self._flights: dict[str, _Flight] = {}
         self.computations = 0  # L3 runs, for tests and metrics
 
@@ -224,14 +217,6 @@ class Resolver:
             del self._flights[keyed.key]
             flight.done.set()
 
-    async def _announce(self, entry: Entry) -> None:
-        if self.announce is None or entry.privacy_flag:
-            return
-        try:  # the answer is served even if its advert is not
-            await self.announce(entry)
-        except Exception:
-            log.exception("could not announce %s", entry.input_sha256[:12])
-
     async def _compute(self, keyed: Keyed, on_token: TokenHook | None = None) -> Answer:
         """L3: run the model, then store the result (a failed write never loses the answer)."""
         params = keyed.request.params
@@ -263,7 +248,6 @@ class Resolver:
                     await tier.on_stored(keyed, entry)
                 except Exception:
                     log.exception("%s could not take %s", tier.level, keyed.key[:12])
-            await self._announce(entry)
         timings = Timings(
             prefill_ms=gen.prefill_ms,
             decode_ms=gen.decode_ms,
