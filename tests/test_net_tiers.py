@@ -212,16 +212,22 @@ def test_l2_fetches_verifies_stores_and_advertises_a_shared_answer(
     assert private is not None and store.get(KEY).privacy_flag and len(t.listings.advertised) == 1
 
 
+def bad_first_then_honest(tmp_path: Path, store: Store, name: str) -> tuple[L2, Identity, Identity]:
+    """Two providers of KEY, each serving its own signed entry: ``name`` (whose so far better
+    record puts it first) and an honest one. The test says how the first one misbehaves."""
+    bad, honest = ident(tmp_path, name), ident(tmp_path, "honest")
+    t = l2(store, FakeJudge(records=lambda p: PeerRecord(p, successes=3.0 * (p == bad.peer_id))))
+    t.listings.offer(KEY, honest.peer_id, bad.peer_id)
+    for who in (bad, honest):
+        t.peers.answers[who.peer_id] = fetched(entry_to_wire(signed_entry(who, KEY, MH, PARAMS)))
+    return t, bad, honest
+
+
 def test_l2_a_wrong_answer_is_proven_and_the_client_gets_the_local_answer(
     tmp_path: Path, store: Store
 ) -> None:
-    liar, honest = ident(tmp_path, "liar"), ident(tmp_path, "honest")
-    # The liar's (so far) better record puts it first.
-    t = l2(store, FakeJudge(records=lambda p: PeerRecord(p, successes=3.0 * (p == liar.peer_id))))
-    t.listings.offer(KEY, honest.peer_id, liar.peer_id)
+    t, liar, _honest = bad_first_then_honest(tmp_path, store, "liar")
     t.verifier.liars.add(liar.peer_id)
-    for who in (liar, honest):
-        t.peers.answers[who.peer_id] = fetched(entry_to_wire(signed_entry(who, KEY, MH, PARAMS)))
     answer = trio.run(t.tier.lookup, keyed(share=True))
     # Diverged at token 0: nothing of the draft was kept, the answer is the local model's.
     assert answer is not None and answer.tokens == LOCAL_TOKENS and answer.cache_level == "L3"
@@ -253,12 +259,8 @@ def test_l2_a_near_tie_is_counted_not_convicted(tmp_path: Path, store: Store) ->
 def test_l2_a_malformed_answer_is_proven_and_the_next_provider_answers(
     tmp_path: Path, store: Store
 ) -> None:
-    forger, honest = ident(tmp_path, "forger"), ident(tmp_path, "honest")
-    t = l2(store, FakeJudge(records=lambda p: PeerRecord(p, successes=3.0 * (p == forger.peer_id))))
-    t.listings.offer(KEY, honest.peer_id, forger.peer_id)
+    t, forger, honest = bad_first_then_honest(tmp_path, store, "forger")
     t.verifier.malformed.add(forger.peer_id)
-    for who in (forger, honest):
-        t.peers.answers[who.peer_id] = fetched(entry_to_wire(signed_entry(who, KEY, MH, PARAMS)))
     answer = trio.run(t.tier.lookup, keyed())
     assert answer is not None and answer.peer is not None and answer.peer.peer == honest.peer_id
     assert answer.cache_level == "L2" and answer.timings.accepted_tokens == 3
