@@ -25,9 +25,14 @@ ROOT = PEER.parent.parent
 
 class Peer:
     def __init__(
-        self, *args: str, data_dir: Path | None = None, ready_timeout: float = 90.0
+        self,
+        *args: str,
+        data_dir: Path | None = None,
+        ready_timeout: float = 90.0,
+        wrap: Sequence[str] = (),
     ) -> None:
-        cmd = [sys.executable, str(PEER), *args]
+        # ``wrap``: a command prefix, e.g. ``ip netns exec <ns>`` to run the peer in a namespace
+        cmd = [*wrap, sys.executable, str(PEER), *args]
         if data_dir is not None:
             cmd += ["--data-dir", str(data_dir)]
         self.stderr_path = (

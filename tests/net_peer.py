@@ -5,8 +5,8 @@ model for L3 and verification. Prints ``{"event": "ready", ...}`` once listening
 stdin line ``{"cmd": ..., ...}`` gets exactly one JSON reply line. EOF on stdin or
 ``{"cmd": "quit"}`` shuts it down cleanly.
 
-Test-only behaviours: ``--evil [last|near-tie|topk]`` serves altered completions re-signed as
-its own (a liar, `EvilSource`);
+Test-only behaviours: ``--evil [last|near-tie|topk|wrong-key|bad-text]`` serves altered
+completions re-signed as its own (a liar, `EvilSource`);
 ``--stall`` sends the response header and half the body, prints ``{"event": "stalled"}`` and
 hangs (the test kills it mid-transfer).
 """
@@ -14,6 +14,7 @@ hangs (the test kills it mid-transfer).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -29,7 +30,16 @@ import trio
 from p2pcache.identity import Identity
 from p2pcache.keys import SamplingParams
 from p2pcache.net.ads import ads_topic
-from p2pcache.net.config import DirectoryConfig, NetConfig, PeersConfig, TierConfig
+from p2pcache.net.config import (
+    ConnLimits,
+    DirectoryConfig,
+    NetConfig,
+    PeersConfig,
+    ReachConfig,
+    RelayConfig,
+    TierConfig,
+    WarmConfig,
+)
 from p2pcache.net.evidence import evidence_topic
 from p2pcache.net.fetch import (
     FetchRequest,
@@ -59,7 +69,9 @@ class EvilSource(StoreSource):
       detokenization with the model loaded, so only the model-run check can catch it);
     - ``near-tie``: the honest greedy answer with one token swapped for the local runner-up
       where the two nearly tie (the closest such place after the first token);
-    - ``topk``: a sampled answer steered every 4th token to the 5th best local choice.
+    - ``topk``: a sampled answer steered every 4th token to the 5th best local choice;
+    - ``wrong-key``: the entry re-made for another key, served for the asked one;
+    - ``bad-text``: the right tokens under a text that is not theirs.
 
     ``near-tie`` and ``topk`` need the prompt: `prepare` makes the altered entry once the
     node has computed the honest one, and says where it lied and by what margin."""
@@ -116,9 +128,15 @@ class EvilSource(StoreSource):
         if req.key in self.altered:
             return entry_to_wire(self.altered[req.key])
         raw = super().value(req)
-        if raw is None or self.mode != "last":
+        if raw is None or self.mode not in ("last", "wrong-key", "bad-text"):
             return raw
         e = entry_from_wire(raw)
+        if self.mode == "wrong-key":  # an entry made for another key, served for this one
+            e.input_sha256 = hashlib.sha256(e.input_sha256.encode()).hexdigest()
+            return entry_to_wire(self._resign(e, list(e.output.tokens), e.output.text))
+        if self.mode == "bad-text":  # the right tokens under another text
+            toks = list(e.output.tokens)
+            return entry_to_wire(self._resign(e, toks, e.output.text + " [altered]"))
         toks = list(e.output.tokens) or [100]
         toks[-1] = (toks[-1] + 7) % 1000 + 300
         text = (
@@ -176,9 +194,17 @@ async def main(a: argparse.Namespace) -> None:
         store = Store(data_dir / "store", size_cap=1 << 30, durable=False)
         model_hash, worker = a.model_hash, None
     cfg = NetConfig(
-        listen=(f"/ip4/127.0.0.1/tcp/{a.port}",),
+        listen=(f"/ip4/{a.ip}/tcp/{a.port}",),
+        reach=ReachConfig(
+            enabled=a.reach, retry_s=a.reach_retry_s, per_peer_interval_s=a.reach_per_peer_s
+        ),
+        relay=RelayConfig(service=a.relay_service, dcutr=not a.no_dcutr),
         psk=a.psk,
-        peers=PeersConfig(bootstrap=tuple(a.bootstrap)),
+        peers=PeersConfig(
+            bootstrap=tuple(a.bootstrap),
+            conn=ConnLimits(**json.loads(a.conn_limits)),
+            warm=WarmConfig(max_peers=a.warm_peers),
+        ),
         directory=DirectoryConfig(readvertise_s=a.readvertise_s, ad_batch_s=0.1),
         tier=TierConfig(fetch_timeout_s=a.fetch_timeout_s),
     )
@@ -334,6 +360,7 @@ async def handle(
             "evidence": stats["evidence"],
             "server": stats["server"],
             "tier": stats["tier"],
+            "conn": stats.get("conn", {}),
             "peers": [p["peer_id"] for p in svc.peers()],
         }
     if c == "rep":
@@ -385,25 +412,189 @@ async def handle(
             while svc.trust.stats["confirmed"] + svc.trust.stats["refuted"] < cmd.get("n", 1):  # noqa: ASYNC110
                 await trio.sleep(0.05)
         return {"evidence": svc.trust.stats}
+    if c in (
+        "reach",
+        "raw_reach",
+        "reach_state",
+        "paths",
+        "dial",
+        "reserve",
+        "wait_reach",
+        "wait_relayed",
+    ):
+        return await handle_reach(cmd, svc)
+    if c in (
+        "gossip_score",
+        "heartbeat",
+        "announce_many",
+        "sign_pubsub",
+        "forward_raw",
+        "peers_rows",
+    ):
+        return await handle_gossip(cmd, svc, store, identity, model_hash)
     if c == "sign_ad":  # a correctly signed advert from this node, for replay tests
         from p2pcache.net.ads import AdEntry, make_advert
 
         ad = make_advert(
             identity,
             cmd.get("model_hash", model_hash),
-            svc.addrs(),
+            cmd.get("addrs", svc.addrs()),
             cmd["seq"],
-            [AdEntry("decoder_final", cmd["key"], 10, "00" * 32)],
+            [AdEntry("decoder_final", k, 10, "00" * 32) for k in cmd.get("keys", [cmd.get("key")])],
             ts=cmd.get("ts"),
         )
         return {"data_hex": ad.encode().hex()}
+    if c == "keyed":  # the cache key of a request, as this node computes it
+        from p2pcache.resolver import Request
+
+        assert resolver is not None, "keyed needs --model"
+        params = SamplingParams(**cmd.get("params", {"max_tokens": cmd.get("max_tokens", 16)}))
+        keyed = await resolver.keyed(Request(prompt=cmd["prompt"], params=params))
+        return {"key": keyed.key, "prompt_tokens": len(keyed.tokens)}
+    if c == "sybil_flood":  # n fresh identities, each signing a valid advert of the same keys
+        from tests.hostile import sybil_flood
+
+        assert svc.gossip is not None
+        return {"sent": await sybil_flood(svc.gossip.pubsub, model_hash, cmd["keys"], cmd["n"])}
     raise ValueError(f"unknown command {c!r}")
+
+
+async def handle_gossip(
+    cmd: dict[str, Any], svc: NetService, store: Store, identity: Identity, model_hash: str
+) -> dict[str, Any]:
+    """GossipSub scoring commands (tests/test_gossip_swarm.py)."""
+    from libp2p.peer.id import ID
+    from libp2p.pubsub.pb import rpc_pb2
+    from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
+
+    c, gossip = cmd["cmd"], svc.gossip
+    assert gossip is not None
+    topic = {"ads": ads_topic(model_hash), "evidence": evidence_topic(model_hash)}.get(
+        cmd.get("topic", "ads"), cmd.get("topic", "")
+    )
+    if c == "gossip_score":  # the router's score of a peer, as py-libp2p computes it
+        p = gossip.scorer.params
+        thresholds = {
+            "gossip": p.gossip_threshold,
+            "publish": p.publish_threshold,
+            "graylist": p.graylist_threshold,
+        }
+        return {**gossip.peer_score(cmd["peer"]), "thresholds": thresholds}
+    if c == "heartbeat":
+        return gossip.heartbeat()
+    if c == "peers_rows":  # the admin view of connected peers (`NetService.peers`)
+        return {"rows": svc.peers()}
+    if c == "announce_many":  # n new shared entries, each announced at once (a burst of adverts)
+        entries = []
+        for i in range(cmd["n"]):
+            key = hashlib.sha256(f"{cmd.get('salt', '')}:{i}".encode()).hexdigest()
+            e = Entry(
+                input_sha256=key,
+                model_hash=model_hash,
+                cache_level="decoder_final",
+                output=Output([1, 2, 3], f"burst {i}"),
+                params={},
+                privacy_flag=False,
+                producer=identity.peer_id,
+            )
+            e.signature = identity.sign(e.signing_payload())
+            store.put(e)
+            entries.append(e)
+        before = svc.directory.stats["adverts"]
+        async with trio.open_nursery() as nursery:
+            for e in entries:
+                nursery.start_soon(svc.directory.announce, e)
+        # announce returns after at most a second; the paced publishes go on behind it
+        with trio.fail_after(cmd.get("timeout_s", 60)):
+            while svc.directory.stats["adverts"] - before < len(entries):  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        return {
+            "keys": [e.input_sha256 for e in entries],
+            "adverts": svc.directory.stats["adverts"] - before,
+        }
+    if c == "sign_pubsub":  # a pubsub message from this node, signed as py-libp2p signs, unsent
+        msg = rpc_pb2.Message(
+            data=bytes.fromhex(cmd["data_hex"]),
+            topicIDs=[topic],
+            from_id=ID.from_base58(identity.peer_id).to_bytes(),
+            seqno=gossip.pubsub._next_seqno(),
+        )
+        key = gossip.pubsub.sign_key
+        assert key is not None
+        msg.signature = key.sign(PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString())
+        msg.key = svc.connections.host.get_public_key().serialize()
+        return {"msg_hex": msg.SerializeToString().hex()}
+    # forward_raw: a ready pubsub message (e.g. another node's, signed earlier) sent to one peer,
+    # the way a relay forwards what it received
+    peer = ID.from_base58(cmd["peer"])
+    with trio.fail_after(cmd.get("timeout_s", 10)):
+        while peer not in gossip.pubsub.peers:  # noqa: ASYNC110 - its pubsub stream is up
+            await trio.sleep(0.05)
+    gossip.router.send_rpc(
+        peer, rpc_pb2.RPC(publish=[rpc_pb2.Message.FromString(bytes.fromhex(cmd["msg_hex"]))])
+    )
+    return {}
+
+
+async def handle_reach(cmd: dict[str, Any], svc: NetService) -> dict[str, Any]:
+    """Reachability and relay commands (tests/test_reachability.py, tests/test_netns_nat.py)."""
+    from libp2p.peer.id import ID
+
+    from p2pcache.net.relay import connection_paths
+
+    c, host = cmd["cmd"], svc.connections.host
+    if c == "reach":  # one check now; with ``addrs``: a probe of what we claim (maybe a lie)
+        if "addrs" in cmd:
+            verdict = await svc.reach.probe(host, cmd["addrs"], cmd.get("peers"))
+        else:
+            verdict = await svc.reach.check(host, cmd.get("peers"))
+        return {"verdict": verdict.to_dict()}
+    if c == "raw_reach":  # a hostile client: arbitrary bytes on /otd/reach/1.0.0
+        from p2pcache.net.reachability import REACH_PROTOCOL
+        from p2pcache.net.wire import FrameReader
+
+        with trio.fail_after(cmd.get("timeout_s", 30)):
+            stream = await host.new_stream(ID.from_base58(cmd["peer"]), [REACH_PROTOCOL])
+            try:
+                await stream.write(bytes.fromhex(cmd["data_hex"]))
+                return {"reply": await FrameReader(stream).read_msg()}
+            except Exception as exc:  # the server reset or closed the stream
+                return {"reply": None, "detail": repr(exc)[:200]}
+            finally:
+                with trio.move_on_after(1):
+                    await stream.reset()
+    if c == "reach_state":
+        return {**svc.reachability(), "addrs": svc.addrs()}
+    if c == "paths":  # relayed / direct for each connection to a peer, and their addresses
+        conns = host.get_network().get_connections(ID.from_base58(cmd["peer"]))
+        remote = [[str(a) for a in conn.get_transport_addresses()] for conn in conns]
+        return {"paths": connection_paths(host, cmd["peer"]), "remote": remote}
+    if c == "reserve":  # a relay slot on the relay at ``addr``, whatever reachability says
+        return {"reserved": await svc.relays.reserve_on(host, cmd["addr"]), "addrs": svc.addrs()}
+    if c == "dial":
+        await svc.connections.dial(cmd["peer"], cmd["addrs"], cmd.get("timeout_s", 10))
+        return {"paths": connection_paths(host, cmd["peer"])}
+    timeout_s = cmd.get("timeout_s", 60)
+    with trio.fail_after(timeout_s):
+        if c == "wait_reach":  # until the checker reached ``status``
+            while svc.reach.status != cmd["status"]:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        else:  # wait_relayed: until we hold a relay slot
+            while not svc.relays.relayed_addrs():  # noqa: ASYNC110
+                await trio.sleep(0.1)
+    return {**svc.reachability(), "addrs": svc.addrs()}
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-dir")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--ip", default="127.0.0.1", help="listen address (netns tests)")
+    ap.add_argument("--reach", action=argparse.BooleanOptionalAction, default=False)
+    ap.add_argument("--reach-retry-s", type=float, default=15.0)
+    ap.add_argument("--reach-per-peer-s", type=float, default=10.0)
+    ap.add_argument("--relay-service", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--no-dcutr", action="store_true")
     ap.add_argument("--bootstrap", action="append", default=[])
     ap.add_argument("--psk")
     ap.add_argument("--model", action="store_true")
@@ -412,10 +603,12 @@ if __name__ == "__main__":
         "--evil",
         nargs="?",
         const="last",
-        choices=["last", "near-tie", "topk"],
+        choices=["last", "near-tie", "topk", "wrong-key", "bad-text"],
         help="serve altered answers (see EvilSource)",
     )
     ap.add_argument("--stall", action="store_true")
+    ap.add_argument("--conn-limits", default="{}", help="ConnLimits fields, as JSON")
+    ap.add_argument("--warm-peers", type=int, default=8, help="0: no pre-dialling of producers")
     ap.add_argument("--readvertise-s", type=float, default=1.0)
     ap.add_argument("--fetch-timeout-s", type=float, default=5.0)
     args = ap.parse_args()

@@ -340,9 +340,11 @@ def test_peer_killed_mid_transfer_next_provider_then_l3(line: Line) -> None:
         s1.kill()
         doc = _answer(t, result)
         assert doc["x_cache"]["peer"]["peer"] == line.b.peer_id
-        assert ans["text"] == on_b["choices"][0]["text"]
+        # (the staller may itself have walked B's answer and left it at a near-tie: its entry
+        # can differ from B's, so C's answer is compared with B's)
         if doc["x_cache"]["timings"]["local_tokens"] == 0:  # else a near-tie: C finished it
-            assert doc["x_cache"]["level"] == "L2" and doc["choices"][0]["text"] == ans["text"]
+            assert doc["x_cache"]["level"] == "L2"
+            assert doc["choices"][0]["text"] == on_b["choices"][0]["text"]
         rec = line.rep_of(line.c, s1.peer_id)
         assert (
             rec["timeouts"] >= 0.99 and rec["bad"] == 0 and rec["failures"] == 0

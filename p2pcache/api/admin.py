@@ -53,6 +53,8 @@ class AdminApi:
                 "max_queue": worker.max_waiting,
                 "model_busy": worker.running,
                 "computations": ctx.resolver.computations,
+                "discovery": ctx.network.discovery_state(),
+                **ctx.network.reachability(),  # "reachability", "relay", "reach_server"
             }
         )
 

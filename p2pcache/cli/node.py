@@ -99,6 +99,31 @@ def run(
             help="Use the p2p addrs of the node at this HTTP URL as bootstrap (repeatable).",
         ),
     ] = None,
+    mdns: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--mdns/--no-mdns",
+            help="Find peers on the local network by mDNS (default: off).",
+            show_default=False,
+        ),
+    ] = None,
+    relay_service: Annotated[
+        Optional[str],
+        typer.Option(
+            "--relay-service",
+            help="Relay for peers behind NAT: auto (once peers found this node public), on, off "
+            f"(default: {_default('relay_service')}).",
+        ),
+    ] = None,
+    reachability: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--reachability/--no-reachability",
+            help="Check with peers' dial-backs whether this node is reachable; if not, use a "
+            "relay (default: on).",
+            show_default=False,
+        ),
+    ] = None,
     model: Annotated[
         Optional[Path],
         typer.Option("--model", help="GGUF model file (default: embedded Gemma 3 270M Q4_K_M)."),
@@ -159,6 +184,9 @@ def run(
             http=http,
             bootstrap=bootstrap,
             bootstrap_http=bootstrap_http,
+            mdns=mdns,
+            relay_service=relay_service,
+            reachability=reachability,
             model=model,
             share_by_default=share_by_default,
             max_queue=max_queue,
@@ -230,7 +258,8 @@ def status(
     admin_token: TokenOpt = None,
     json: JsonOpt = False,
 ) -> None:
-    """Identity, model, addresses, queue and uptime of a running node."""
+    """Identity, model, addresses, queue and uptime of a running node; its reachability
+    (public/private/unknown per address), relays and discovery state."""
     doc = _get(url, data_dir, "/admin/status", admin_token)
     if json:
         print_json(doc)
@@ -253,7 +282,79 @@ def status(
         "version",
     )
     # Lines, not a table: peer ids and multiaddrs are copied from here whole (any width).
-    print_fields([(k, doc.get(k)) for k in keys])
+    print_fields([(k, doc.get(k)) for k in keys] + reach_fields(doc))
+
+
+def _when(ts: Any) -> str:
+    import time
+
+    if not isinstance(ts, (int, float)) or ts <= 0:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
+def reach_fields(doc: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Reachability, relays and discovery of /admin/status as ``key  value`` rows (each part
+    only if the node reports it)."""
+    rows: list[tuple[str, Any]] = []
+    reach = doc.get("reachability")
+    if isinstance(reach, dict):
+        asked = reach.get("peers") or []
+        answered = sum(1 for p in asked if not p.get("error"))
+        rows.append(
+            (
+                "reachability",
+                f"{reach.get('status', 'unknown')} (checked {_when(reach.get('checked_at'))}, "
+                f"{answered}/{len(asked)} peers answered)",
+            )
+        )
+        per = []
+        for addr, v in (reach.get("addrs") or {}).items():
+            verdict = {True: "reachable", False: "not reachable", None: "undecided"}.get(
+                v.get("reachable"), "?"
+            )
+            per.append(f"{addr}  {verdict} ({v.get('yes', 0)} dialled, {v.get('no', 0)} not)")
+        rows.append(("  per address", per))
+    relay = doc.get("relay")
+    if isinstance(relay, dict):
+        svc = relay.get("service") or {}
+        line = f"{'on' if svc.get('on') else 'off'} (mode {svc.get('mode', '?')})"
+        if svc.get("on"):
+            line += (
+                f", {svc.get('reservations', 0)} reservations, {svc.get('circuits', 0)} circuits"
+            )
+        rows.append(("relay service", line))
+        rows.append(
+            (
+                "relay slots",
+                [
+                    f"{r.get('relay')} until {_when(r.get('expires'))}"
+                    for r in relay.get("reservations") or []
+                ],
+            )
+        )
+        rows.append(("relayed addrs", list(relay.get("relayed_addrs") or [])))
+        if relay.get("events"):
+            rows.append(("relay events", list(relay["events"])[-3:]))
+    disc = doc.get("discovery")
+    if isinstance(disc, dict):
+        items = []
+        for k, v in disc.items():
+            if k.endswith("_at"):
+                shown: Any = _when(v)
+            elif isinstance(v, list):
+                shown = len(v)  # providers, points: counts here, the list in --json
+            elif isinstance(v, dict):
+                shown = ", ".join(
+                    f"{sk}={_when(sv) if sk == 'at' or sk.endswith(('_at', 'time')) else sv}"
+                    for sk, sv in v.items()
+                    if not isinstance(sv, (list, dict))
+                )
+            else:
+                shown = v
+            items.append(f"{k}: {shown}")
+        rows.append(("discovery", items))
+    return rows
 
 
 # `node peers` / `node reputation` are the top-level `peers` / `reputation` commands.

@@ -5,10 +5,12 @@ An advertisement is a msgpack map signed by the producer's node key::
     {v: 1, model_hash, producer, addrs: [multiaddr], ts: ms, seq: int,
      entries: [[cache_level, key, size, output_sha256], ...], sig}
 
-`AdValidator` is the GossipSub topic validator: it rejects (and so never forwards) oversize,
-malformed, unsigned or badly signed ads, ads of another model, ads whose producer is not the
-pubsub origin, stale or future ads, replays (a sequence number not above the last accepted one
-from that producer) and ads from banned peers. Accepted ads feed the `GossipIndex`.
+`AdValidator` is the GossipSub topic validator: it rejects (never forwards, and counts against
+the forwarder's GossipSub score) oversize, malformed, unsigned or badly signed ads, ads of
+another model and ads whose producer is not the pubsub origin; it ignores (never forwards,
+holds nothing against the forwarder: honest relays forward them) stale or future ads, replays
+(a sequence number not above the last accepted one from that producer) and ads from banned
+peers, unless the producer itself sent them. Accepted ads feed the `GossipIndex`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from p2pcache.errors import AdRejected  # noqa: F401 - re-exported
 from p2pcache.identity import Identity
 from p2pcache.net.config import DirectoryConfig
 from p2pcache.net.peer_keys import canonical, verify_by_peer
+from p2pcache.net.scoring import Verdict
 from p2pcache.store import now_ms
 
 log = logging.getLogger(__name__)
@@ -168,7 +171,7 @@ def decode_advert(data: bytes) -> Advert:
     return Advert(mh, producer, tuple(addrs), ts, seq, tuple(entries), sig)
 
 
-@dataclass
+@dataclass(slots=True)  # one per (key, provider): hundreds of thousands of them at the bound
 class Provider:
     peer_id: str
     addrs: tuple[str, ...]
@@ -177,17 +180,56 @@ class Provider:
     seen_at: float
 
 
-class GossipIndex:
-    """Who has what: key -> providers, from accepted adverts. Bounded (oldest keys dropped)."""
+# The index's bounds. Identities are free to make, so a flood of fresh producers all
+# advertising the same keys must cost a bounded amount of memory: at most MAX_PER_KEY providers
+# per key (L2 asks at most 4 per lookup; more than 16 known holders of one answer buys
+# nothing) and MAX_RECORDS provider records in all (measured: ~0.7 KB a record at worst, each
+# on its own key with its own strings: the index stays under ~70 MB whatever is advertised).
+MAX_PER_KEY = 16
+MAX_RECORDS = 100_000
 
-    def __init__(self, max_keys: int = 100_000, max_producers: int = 10_000) -> None:
+
+class GossipIndex:
+    """Who has what: key -> providers, from accepted adverts. Bounded:
+
+    - at most ``max_per_key`` providers per key: when a key is full, a new provider takes the
+      place of the worst one (lowest ``score``, then least recently heard) only if it ranks
+      above it, so a flood of fresh identities displaces only each other and never a provider
+      with a better reputation;
+    - at most ``max_records`` (key, provider) records and ``max_keys`` keys in all: the least
+      recently advertised keys are dropped first;
+    - at most ``max_producers`` producers' address lists (least recently heard dropped).
+
+    ``score``: a peer's reputation score (`Reputation.score`); None ranks every peer equal
+    (then recency decides)."""
+
+    def __init__(
+        self,
+        max_keys: int = 100_000,
+        max_producers: int = 10_000,
+        max_per_key: int = MAX_PER_KEY,
+        max_records: int = MAX_RECORDS,
+        score: Callable[[str], float] | None = None,
+    ) -> None:
+        if max_per_key < 1 or max_records < 1:
+            raise ValueError("the index bounds must be at least 1")
         self.max_keys = max_keys
         self.max_producers = max_producers
+        self.max_per_key = max_per_key
+        self.max_records = max_records
+        self.score = score
         self._by_key: OrderedDict[tuple[str, str], dict[str, Provider]] = OrderedDict()
+        self._records = 0  # sum of len(providers) over the keys
         # Producer -> its advertised addresses, most recently heard last; bounded like the keys
         # (identities are free to make, so a flood of producers must not grow it without end).
         self.addrs: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         self.on_change: Callable[[], None] | None = None  # e.g. wake waiters for a provider
+        self.stats = {"displaced": 0, "refused_full": 0, "keys_dropped": 0}
+
+    @property
+    def records(self) -> int:
+        """(key, provider) records held: never above ``max_records``."""
+        return self._records
 
     def add(self, ad: Advert) -> None:
         now = time.monotonic()
@@ -196,6 +238,13 @@ class GossipIndex:
             self.addrs.move_to_end(ad.producer)
             while len(self.addrs) > self.max_producers:
                 self.addrs.popitem(last=False)
+        scores: dict[str, float] = {}  # one score look-up per peer per advert
+
+        def rank(p: Provider) -> tuple[float, float]:
+            if p.peer_id not in scores:
+                scores[p.peer_id] = self.score(p.peer_id) if self.score is not None else 0.0
+            return (scores[p.peer_id], p.seen_at)
+
         for e in ad.entries:
             k = (e.cache_level, e.key)
             provs = self._by_key.get(k)
@@ -203,9 +252,22 @@ class GossipIndex:
                 provs = self._by_key[k] = {}
             else:
                 self._by_key.move_to_end(k)
-            provs[ad.producer] = Provider(ad.producer, ad.addrs, e.size, e.output_sha256, now)
-        while len(self._by_key) > self.max_keys:
-            self._by_key.popitem(last=False)
+            new = Provider(ad.producer, ad.addrs, e.size, e.output_sha256, now)
+            if ad.producer not in provs and len(provs) >= self.max_per_key:
+                worst = min(provs.values(), key=rank)
+                if rank(new) <= rank(worst):
+                    self.stats["refused_full"] += 1
+                    continue
+                del provs[worst.peer_id]
+                self._records -= 1
+                self.stats["displaced"] += 1
+            if ad.producer not in provs:
+                self._records += 1
+            provs[ad.producer] = new
+        while len(self._by_key) > self.max_keys or self._records > self.max_records:
+            _, dropped = self._by_key.popitem(last=False)
+            self._records -= len(dropped)
+            self.stats["keys_dropped"] += 1
         if self.on_change is not None:
             self.on_change()
 
@@ -215,12 +277,13 @@ class GossipIndex:
     def forget(self, key: str, peer_id: str, level: str = "decoder_final") -> None:
         """One provider no longer has one key (it answered not_found)."""
         provs = self._by_key.get((level, key))
-        if provs is not None:
-            provs.pop(peer_id, None)
+        if provs is not None and provs.pop(peer_id, None) is not None:
+            self._records -= 1
 
     def forget_peer(self, peer_id: str) -> None:
         for provs in self._by_key.values():
-            provs.pop(peer_id, None)
+            if provs.pop(peer_id, None) is not None:
+                self._records -= 1
 
     def count_of(self, peer_id: str) -> int:
         """How many keys this peer advertises (as far as we know)."""
@@ -234,7 +297,14 @@ class GossipIndex:
         for provs in self._by_key.values():
             for p in provs:
                 peers[p] = peers.get(p, 0) + 1
-        return {"keys": len(self._by_key), "providers": peers}
+        return {
+            "keys": len(self._by_key),
+            "records": self._records,
+            "max_records": self.max_records,
+            "max_per_key": self.max_per_key,
+            "providers": peers,
+            **self.stats,
+        }
 
 
 # How loud a rejection is, by its kind. Honest peers re-send: GossipSub delivers a producer's
@@ -243,6 +313,23 @@ class GossipIndex:
 # from skewed clocks and banned ones are known already (info). The rest can only be a forgery or
 # a broken peer (warning).
 _LOG_LEVELS = {"replay": logging.DEBUG, "stale": logging.INFO, "banned": logging.INFO}
+
+
+# Which rejections an honest relay can forward, so that they are ignored (dropped, not
+# forwarded, not held against the forwarder) rather than rejected (an invalid message in the
+# forwarder's GossipSub score). Each depends on the receiver's state or clock: a relay that
+# accepted seq 5 before seq 6 reached it forwards 5 after 6 reached us by another path (and
+# GossipSub re-sends recent messages to new peers and on IWANT); its clock may differ; it has
+# not banned the producer we banned. Every other rejection is deterministic: the relay ran the
+# same check before forwarding, so the message is its doing. So is a stale or replayed advert
+# sent first-hand by its producer (an honest one signs each advert fresh, with a new sequence
+# number): ignoring those would let any peer make us verify its signatures for free.
+IGNORED_KINDS = frozenset({"stale", "replay", "banned"})
+
+
+def ignored_or_rejected(reason: str, first_hand: bool = False) -> Verdict:
+    relayed_ok = rejection_kind(reason) in IGNORED_KINDS and not first_hand
+    return Verdict.IGNORE if relayed_ok else Verdict.REJECT
 
 
 def rejection_kind(reason: str) -> str:
@@ -314,8 +401,8 @@ class AdValidator:
             self.index.add(ad)
         self.stats.accepted += 1
 
-    def __call__(self, forwarder: object, msg: Any) -> bool:
-        """py-libp2p topic validator: ``(msg_forwarder, rpc_pb2.Message) -> bool``."""
+    def verdict(self, forwarder: object, msg: Any) -> Verdict:
+        """The GossipSub verdict on a py-libp2p ``rpc_pb2.Message`` sent by ``forwarder``."""
         from libp2p.peer.id import ID
 
         try:
@@ -327,10 +414,15 @@ class AdValidator:
         except AdRejected as exc:
             self.stats.reject(str(exc))
             log_rejection(str(exc), str(forwarder)[:16])
-            return False
+            first_hand = isinstance(forwarder, ID) and forwarder.to_bytes() == msg.from_id
+            return ignored_or_rejected(str(exc), first_hand)
         except Exception as exc:  # never let a hostile message crash the pubsub loop
             self.stats.reject("malformed")
             log_rejection(f"malformed: {exc!r}", str(forwarder)[:16])
-            return False
+            return Verdict.REJECT
         self.accept(ad)
-        return True
+        return Verdict.ACCEPT
+
+    def __call__(self, forwarder: object, msg: Any) -> bool:
+        """py-libp2p's boolean validator: ``(msg_forwarder, rpc_pb2.Message) -> bool``."""
+        return self.verdict(forwarder, msg) is Verdict.ACCEPT

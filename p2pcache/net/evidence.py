@@ -3,9 +3,10 @@
 The evidence is self-contained: the liar's own signed fetch response (header + body), the
 prompt tokens and sampling params (so anyone can recompute the key), the accuser's reason,
 all signed by the accuser. A receiver checks every signature and hash statically in the topic
-validator, then re-runs the teacher-forced verification on its own model before acting:
-confirmed -> a verified failure for the liar; refuted -> a bad mark for the accuser (a false
-accusation costs the accuser).
+validator (the response's signed key must be the prompt's key; the entry in the body may name
+another key: serving an entry made for another key is one of the lies), then re-runs the
+teacher-forced verification on its own model before acting: confirmed -> a verified failure
+for the liar; refuted -> a bad mark for the accuser (a false accusation costs the accuser).
 """
 
 from __future__ import annotations
@@ -164,12 +165,12 @@ def decode_evidence(data: bytes, model_hash: str) -> Evidence:
     if hashlib.sha256(ev.body).hexdigest() != header.sha256 or len(ev.body) != header.size:
         raise EvidenceRejected("body does not match the signed response")
     try:
-        entry = ev.entry()
+        ev.entry()
     except BadResponse as exc:
         raise EvidenceRejected(f"malformed: {exc}") from exc
-    if (
-        entry.input_sha256 != header.key
-        or input_sha256(model_hash, ev.prompt, params) != header.key
-    ):
+    # The liar signed "this body answers key K" (the header). K must be what the prompt and
+    # params hash to; the body's own key is *not* required to match: an entry made for another
+    # key, served for K, is one of the lies (the receiver's verifier finds it statically).
+    if input_sha256(model_hash, ev.prompt, params) != header.key:
         raise EvidenceRejected("key does not match prompt and params")
     return ev

@@ -30,7 +30,8 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from p2pcache.identity import Identity
-from p2pcache.net.config import DEFAULT_LISTEN, DIAL_TIMEOUT_S
+from p2pcache.net.config import DEFAULT_LISTEN, DIAL_TIMEOUT_S, ConnLimits
+from p2pcache.net.conn_limits import connection_config, guard_host
 from p2pcache.net.ports import check_listen_addrs
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class HostConfig:
 
     listen: Sequence[str] = (DEFAULT_LISTEN,)
     psk: str | None = None  # 64 hex chars: only peers with the same key can connect
+    conn: ConnLimits = ConnLimits()  # inbound limits (`p2pcache.net.conn_limits`)
 
 
 def build_host(identity: Identity, config: HostConfig) -> IHost:
@@ -91,6 +93,7 @@ def build_host(identity: Identity, config: HostConfig) -> IHost:
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
         listen_addrs=[multiaddr.Multiaddr(a) for a in config.listen],
         psk=parse_psk(config.psk),
+        connection_config=connection_config(config.conn),
     )
 
 
@@ -122,10 +125,47 @@ def full_addrs(host: IHost) -> list[str]:
     return out
 
 
+class _QuietTcpDialErrors(logging.Filter):
+    """py-libp2p logs every refused TCP dial as an ERROR ("Failed to open TCP stream") before
+    raising; `dial` says the same in one line of its own, so that record is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to open TCP stream")
+
+
+_TCP_LOG = logging.getLogger("libp2p.transport.tcp.tcp")
+if not any(isinstance(f, _QuietTcpDialErrors) for f in _TCP_LOG.filters):
+    _TCP_LOG.addFilter(_QuietTcpDialErrors())
+
+
+def dial_error(exc: BaseException) -> str:
+    """The innermost reason of a dial failure (py-libp2p nests them in groups and chains)."""
+    for _ in range(16):  # bounded: a pathological chain ends the walk
+        errors = getattr(exc, "errors", None)  # py-libp2p's MultiError
+        if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+            exc = exc.exceptions[-1]
+        elif isinstance(errors, (list, tuple)) and errors and isinstance(errors[-1], Exception):
+            exc = errors[-1]
+        elif exc.__cause__ is not None:
+            exc = exc.__cause__
+        else:
+            break
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 async def dial(host: IHost, addr: str, timeout_s: float = DIAL_TIMEOUT_S) -> PeerInfo:
+    """Connect to ``addr`` (ending in /p2p/<peer id>) within ``timeout_s``; on failure one log
+    line and the exception (TooSlowError, or py-libp2p's)."""
     info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
-    with trio.fail_after(timeout_s):
-        await host.connect(info)
+    try:
+        with trio.fail_after(timeout_s):
+            await host.connect(info)
+    except trio.TooSlowError:
+        log.info("dial %s: no connection within %.1f s", addr, timeout_s)
+        raise
+    except Exception as exc:
+        log.info("dial %s failed: %s", addr, dial_error(exc))
+        raise
     return info
 
 
@@ -135,6 +175,7 @@ async def running_host(identity: Identity, config: HostConfig) -> AsyncIterator[
     StartupError if a listen port is taken: py-libp2p would share it silently (ports.py)."""
     check_listen_addrs(config.listen)  # right before listening: the smallest race window
     host = build_host(identity, config)
+    guard_host(host, config.conn)  # before it listens: every inbound connection is admitted
     async with host.run(listen_addrs=[multiaddr.Multiaddr(a) for a in config.listen]):
         try:
             yield host

@@ -2,14 +2,16 @@
 disconnecting banned peers.
 
 `PeerConnections.run` owns the host's use: it is given the started host, dials the bootstrap
-peers and keeps producers warm in its own nursery, and forgets the host when cancelled.
+peers, keeps producers warm and trims connections above the high-water mark (`ConnTrimmer`)
+in its own nursery, and forgets the host when cancelled. A dial to several addresses shares
+one deadline: a black-hole address (accepts, never speaks) costs its share, not the whole.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 from libp2p.abc import IHost
@@ -17,11 +19,15 @@ from libp2p.peer.id import ID
 
 from p2pcache.identity import Identity
 from p2pcache.net.config import PeersConfig
-from p2pcache.net.fetch import Fetched, FetchError, FetchRequest, fetch
+from p2pcache.net.conn_limits import ConnTrimmer, guard_of
+from p2pcache.net.fetch import Fetched, FetchError, FetchRequest, FetchTimeout, fetch
 from p2pcache.net.host import dial, full_addrs
+from p2pcache.net.relay import CIRCUIT, dial_relayed
 from p2pcache.net.warm import WarmConnections
 
 log = logging.getLogger(__name__)
+
+MIN_DIAL_S = 0.5  # an address's share of a dial deadline is never cut below this
 
 
 class ProducerFeed(Protocol):
@@ -57,8 +63,11 @@ class PeerConnections:
             score=score,
             is_banned=is_banned,
         )
+        self.trimmer = ConnTrimmer(config.conn, score=score)
         self._host: IHost | None = None
         self._nursery: trio.Nursery | None = None
+        # Our /p2p-circuit addresses while we hold relay slots (set by the relay part).
+        self.relayed: Callable[[], list[str]] = list
 
     @property
     def running(self) -> bool:
@@ -72,8 +81,9 @@ class PeerConnections:
         return self._host
 
     def addrs(self) -> list[str]:
-        """Our dialable addresses, each ending in /p2p/<peer id> (none while stopped)."""
-        return full_addrs(self._host) if self._host is not None else []
+        """Our dialable addresses, each ending in /p2p/<peer id> (none while stopped);
+        relayed ones first: we hold relay slots only when peers could not dial us directly."""
+        return [*self.relayed(), *full_addrs(self._host)] if self._host is not None else []
 
     def connected(self) -> set[str]:
         return (
@@ -83,31 +93,61 @@ class PeerConnections:
         )
 
     async def ensure_connected(self, peer_id: str, addrs: Sequence[str], timeout_s: float) -> None:
+        """Connected to ``peer_id`` within ``timeout_s`` (all of it: waiting for a warm-up dial
+        and dialing each address share it), else FetchError."""
         host = self.host
         pid = ID.from_base58(peer_id)
+        deadline = trio.current_time() + timeout_s
         if pid not in host.get_connected_peers():
             await self.warm.wait_inflight(peer_id, timeout_s)  # a warm-up dial may be half done
         if pid in host.get_connected_peers() or not addrs:
             return  # without addrs: maybe reachable through the peerstore (new_stream dials)
-        await self.dial(peer_id, addrs, timeout_s)
+        await self.dial(peer_id, addrs, deadline - trio.current_time())
 
     async def dial(self, peer_id: str, addrs: Sequence[str], timeout_s: float) -> None:
-        """Connect to ``peer_id`` at the first of ``addrs`` that answers, else FetchError."""
+        """Connect to ``peer_id`` at the first of ``addrs`` that answers, all within
+        ``timeout_s``, else FetchError. Each address gets an equal share of the time left (at
+        least `MIN_DIAL_S`, at most the configured dial timeout), so addresses that accept and
+        never speak cannot use up the deadline before a good one is tried."""
         host = self.host
+        deadline = trio.current_time() + timeout_s
         last: Exception | None = None
-        for a in addrs:
+        for i, a in enumerate(addrs):
+            left = deadline - trio.current_time()
+            if left <= 0:
+                break
+            share = min(self.config.dial_timeout_s, left, max(left / (len(addrs) - i), MIN_DIAL_S))
             try:
-                await dial(host, a if "/p2p/" in a else f"{a}/p2p/{peer_id}", timeout_s)
+                if CIRCUIT in a:  # py-libp2p's swarm does not dial relayed addresses
+                    await dial_relayed(host, a, share)
+                else:
+                    await dial(host, a if "/p2p/" in a else f"{a}/p2p/{peer_id}", share)
                 return
             except Exception as exc:  # try the next address (TooSlowError, an ExceptionGroup...)
                 last = exc
+        if last is None or isinstance(last, trio.TooSlowError):
+            raise FetchTimeout(f"cannot reach {peer_id[:16]} within {timeout_s:.1f} s")
         raise FetchError(f"cannot reach {peer_id[:16]}: {last!r}")
 
     async def fetch(
         self, peer_id: str, addrs: Sequence[str], req: FetchRequest, timeout_s: float
     ) -> Fetched:
+        """Connect (if needed) and fetch, both within ``timeout_s``."""
+        deadline = trio.current_time() + timeout_s
         await self.ensure_connected(peer_id, addrs, timeout_s)
-        return await fetch(self.host, peer_id, req, timeout_s=timeout_s)
+        left = deadline - trio.current_time()
+        if left <= 0:
+            raise FetchTimeout(f"no time left to fetch from {peer_id[:16]}")
+        return await fetch(self.host, peer_id, req, timeout_s=left)
+
+    def conn_stats(self) -> dict[str, Any]:
+        """Inbound admissions and refusals, and connections trimmed (for /admin/peers)."""
+        guard = guard_of(self._host) if self._host is not None else None
+        return {
+            **(guard.snapshot() if guard is not None else {}),
+            "connected": len(self.connected()),
+            "trimmed": self.trimmer.trimmed,
+        }
 
     def disconnect(self, peer_id: str) -> None:
         """Close the connection to a peer (soon, in the background; nothing while stopped)."""
@@ -156,6 +196,7 @@ class PeerConnections:
                 self._nursery = nursery
                 nursery.start_soon(self._bootstrap)
                 nursery.start_soon(self.warm.run, producers.changed, producers.producers)
+                nursery.start_soon(self.trimmer.run, host)
                 task_status.started()
                 await trio.sleep_forever()  # the host is ours until cancelled
         finally:

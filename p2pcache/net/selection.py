@@ -51,6 +51,11 @@ class CostModel:
         compute = prompt_tokens / self.prefill_tps + out / self.decode_tps
         return fetch_and_verify < compute
 
+    def local_s(self, prompt_tokens: int, max_out_tokens: int) -> float:
+        """What answering here (L3: prefill the prompt, decode up to ``max_out_tokens``)
+        is expected to take: past this, waiting on peers costs more than it can save."""
+        return prompt_tokens / self.prefill_tps + max(1, max_out_tokens) / self.decode_tps
+
     def kv_prefix_pays(self, state_bytes: int, n_tokens: int, rec: PeerRecord) -> bool:
         """A KV state: fetch + restore vs prefilling its tokens here (the docs' break-even)."""
         return (

@@ -29,12 +29,16 @@ from p2pcache.net import fastpath
 from p2pcache.net.ads import ads_topic
 from p2pcache.net.config import NetConfig
 from p2pcache.net.directory import Directory
+from p2pcache.net.discovery import Discovery
 from p2pcache.net.evidence import evidence_topic
 from p2pcache.net.fetch import FetchServer
-from p2pcache.net.gossip import PubsubGossip, running_gossip
+from p2pcache.net.gossip import PubsubGossip, boolean_verdict, running_gossip
 from p2pcache.net.host import HostConfig, running_host
 from p2pcache.net.kv_tier import KvPeerTier
 from p2pcache.net.peers import PeerConnections
+from p2pcache.net.reachability import ReachabilityChecker, ReachServer
+from p2pcache.net.relay import Relays
+from p2pcache.net.scoring import GossipScoring
 from p2pcache.net.tier import PeerTier
 from p2pcache.net.trust import Trust
 
@@ -67,6 +71,19 @@ class NetService:
         self.l2 = l2  # read for stats only: the tiers never see the service
         self.kv = kv
         self.gossip: PubsubGossip | None = None  # while running
+        self.discovery = Discovery(
+            connections, model_hash, config.discovery, config.peers.bootstrap
+        )
+        # Reachability and relays: checked by peers' dial-backs; a private node holds a relay
+        # slot and advertises its relayed address (through `PeerConnections.addrs`).
+        self.relays = Relays(
+            identity.peer_id, config.relay, candidates=lambda: list(config.peers.bootstrap)
+        )
+        self.reach = ReachabilityChecker(
+            config.reach, own_addrs=connections.addrs, on_change=self.relays.on_reachability
+        )
+        self.reach_server = ReachServer(config.reach, psk=config.psk)
+        connections.relayed = self.relays.relayed_addrs
 
     # -- the daemon's view ------------------------------------------------------------------
     def addrs(self) -> list[str]:
@@ -92,12 +109,26 @@ class NetService:
                     "subscribed": pid in subscribed,
                     "mesh": pid in mesh,
                     "advertised_keys": self.directory.index.count_of(s),
+                    # GossipSub's score of the peer (None before the gossip runs)
+                    "gossip": self.gossip.peer_score(s) if self.gossip is not None else None,
                 }
             )
         return out
 
+    def reachability(self) -> dict[str, Any]:
+        """For /admin/status: the last verdict, relay slots held and relay service served."""
+        return {
+            "reachability": self.reach.snapshot(),
+            "relay": self.relays.snapshot(),
+            "reach_server": dict(vars(self.reach_server.stats)),
+        }
+
     def reputation(self, peer_id: str | None = None) -> list[dict[str, Any]]:
         return self.trust.reputation(peer_id)
+
+    def discovery_state(self) -> dict[str, Any]:
+        """Known providers, rendezvous points, last lookup (for /admin/status)."""
+        return self.discovery.state()
 
     def stats(self) -> dict[str, Any]:
         """Counters for /admin/peers: adverts accepted/rejected by reason, evidence, server, L2."""
@@ -112,6 +143,7 @@ class NetService:
             "published": dict(d.stats),
             "tier": dict(self.l2.stats) if self.l2 is not None else {},
             "warm": dict(self.connections.warm.stats),
+            "conn": self.connections.conn_stats(),
             "index": d.index.snapshot(),
             **({"kv": dict(self.kv.stats)} if self.kv is not None else {}),
         }
@@ -125,17 +157,32 @@ class NetService:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if self.config.fast_path:
             fastpath.install()
-        hc = HostConfig(listen=tuple(self.config.listen), psk=self.config.psk)
+        hc = HostConfig(
+            listen=tuple(self.config.listen), psk=self.config.psk, conn=self.config.peers.conn
+        )
         async with running_host(self.identity, hc) as host:
             self.server.install(host)
+            ads, evidence = ads_topic(self.model_hash), evidence_topic(self.model_hash)
+            scoring = GossipScoring()
             async with running_gossip(
-                host, app_score=self.trust.gossip_score, heartbeat_s=self.config.heartbeat_s
+                host,
+                app_score=self.trust.gossip_score,
+                heartbeat_s=self.config.heartbeat_s,
+                topic_weights={ads: scoring.ads_weight, evidence: scoring.evidence_weight},
+                scoring=scoring,
             ) as gossip:
-                ads, evidence = ads_topic(self.model_hash), evidence_topic(self.model_hash)
-                gossip.pubsub.set_topic_validator(ads, self.directory.validator, False)
-                gossip.pubsub.set_topic_validator(evidence, self.trust.validate_evidence, False)
+                gossip.set_validator(ads, self.directory.validator.verdict)
+                # Evidence from an accuser we banned is dropped, not held against the relay.
+                gossip.set_validator(
+                    evidence,
+                    boolean_verdict(self.trust.validate_evidence, self.trust.rep.is_banned),
+                )
                 subs = [await gossip.pubsub.subscribe(ads), await gossip.pubsub.subscribe(evidence)]
                 self.gossip = gossip
+                # Trimming spares the ad topic's mesh (GossipSub already chose it by score).
+                self.connections.trimmer.protected = lambda: {
+                    p.to_base58() for p in gossip.mesh_ids(ads)
+                }
                 try:
                     async with trio.open_nursery() as nursery:
                         for sub in subs:
@@ -143,6 +190,11 @@ class NetService:
                         await nursery.start(self.connections.run, host, self.directory)
                         await nursery.start(self.directory.run, gossip)
                         await nursery.start(self.trust.run, gossip)
+                        await nursery.start(self.discovery.run, host)
+                        await nursery.start(self.relays.run, host)
+                        if self.config.reach.enabled:
+                            self.reach_server.install(host)
+                            await nursery.start(self.reach.run, host)
                         log.info("p2p node %s listening on %s", self.identity.peer_id, self.addrs())
                         task_status.started()
                         await trio.sleep_forever()

@@ -9,6 +9,13 @@ own, under its own signature) is served and stored. A lie never reaches the clie
 proven and published (`Judge.convict`); a near-tie is counted (`Judge.near_tie`). An entry
 refused before the model runs (malformed, badly signed) and failed fetches pass to the next
 provider; when none is left the resolver falls back to L3.
+
+The whole attempt has one deadline: what generating the answer here would take
+(`CostModel.local_s`, within ``TierConfig.min_deadline_s`` .. ``max_deadline_s``). Every dial
+and fetch of every provider shares it (an advert listing addresses that accept and never speak
+costs the deadline, not a dial timeout per address); past it no further provider is tried and
+the request is answered from L3. A fetched answer is still verified after the deadline: that
+cost was priced in by the cost model before the fetch.
 """
 
 from __future__ import annotations
@@ -63,12 +70,14 @@ class PeerTier:
         self.verifier = verifier
         self.metrics = metrics
         self.config = config or TierConfig()
-        self.stats = {
+        self.stats: dict[str, float] = {
             "hits": 0,
             "misses": 0,
             "verified_failures": 0,
             "fetch_failures": 0,
             "skipped_by_cost": 0,
+            "deadline_expired": 0,  # lookups that ran out of time before every provider
+            "deadline_s": 0.0,  # the last lookup's budget
         }
 
     async def lookup(self, keyed: Keyed) -> Answer | None:
@@ -78,27 +87,43 @@ class PeerTier:
         if not providers:
             return None
         params = keyed.request.params
+        budget = self.deadline_s(len(keyed.tokens), params.max_tokens)
+        self.stats["deadline_s"] = round(budget, 3)
+        deadline = trio.current_time() + budget
         for prov in providers[: self.config.max_providers]:
             if self.config.cost_model and not self.ranking.cost.decoder_final_pays(
                 len(keyed.tokens), params.max_tokens, prov.size, self.judge.record(prov.peer_id)
             ):
                 self.stats["skipped_by_cost"] += 1
                 continue
-            answer = await self._try(prov, keyed, params)
+            left = deadline - trio.current_time()
+            if left <= 0:
+                self.stats["deadline_expired"] += 1
+                log.info("L2 for %s: out of time after %.2f s; L3 answers", keyed.key[:12], budget)
+                break
+            answer = await self._try(prov, keyed, params, left)
             if answer is not None:
                 self.stats["hits"] += 1
                 return answer
         self.stats["misses"] += 1
         return None
 
-    async def _try(self, prov: Provider, keyed: Keyed, params: SamplingParams) -> Answer | None:
+    def deadline_s(self, prompt_tokens: int, max_out_tokens: int) -> float:
+        """The L2 attempt's whole budget: the expected cost of generating locally."""
+        local = self.ranking.cost.local_s(prompt_tokens, max_out_tokens)
+        return min(self.config.max_deadline_s, max(self.config.min_deadline_s, local))
+
+    async def _try(
+        self, prov: Provider, keyed: Keyed, params: SamplingParams, left_s: float
+    ) -> Answer | None:
         pid = prov.peer_id
         t0 = time.perf_counter()
         req = FetchRequest(
             keyed.key, keyed.model_hash, "decoder_final", max_bytes=self.config.max_entry_bytes
         )
         try:
-            got = await self.peers.fetch(pid, prov.addrs, req, self.config.fetch_timeout_s)
+            timeout_s = min(self.config.fetch_timeout_s, left_s)
+            got = await self.peers.fetch(pid, prov.addrs, req, timeout_s)
             entry = entry_from_wire(got.body)
         except FetchError as exc:
             if isinstance(exc, NotFound):

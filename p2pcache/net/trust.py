@@ -2,8 +2,9 @@
 
 Fetch outcomes update the `Reputation` (`fetched`, `fetch_failed`, `convict`). A proven lie
 is published as signed evidence on the model's evidence topic; evidence from others is
-re-verified on our own model before we act on it (a false accusation costs the accuser). A
-ban drops the peer's adverts and closes its connection (the ``on_ban`` callbacks).
+re-verified on our own model before we act on it (a false accusation costs the accuser);
+evidence from a banned accuser is dropped before any model work. A ban drops the peer's
+adverts and closes its connection (the ``on_ban`` callbacks).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class Trust:
             "confirmed": 0,
             "refuted": 0,
             "unconfirmed": 0,
+            "checked": 0,  # re-verified on the model
+            "skipped_banned": 0,  # queued, then dropped unchecked: accuser or liar banned
         }
         self._send, self._recv = trio.open_memory_channel[bytes](EVIDENCE_QUEUE)
         self._gossip: Gossip | None = None
@@ -146,6 +149,10 @@ class Trust:
             ev = decode_evidence(bytes(msg.data), self.model_hash)
             if ID(msg.from_id).to_base58() != ev.accuser:
                 raise EvidenceRejected("origin is not the accuser")
+            # A banned accuser's word is worth nothing here and must cost nothing: dropped
+            # (and not forwarded) before it can reach the model queue.
+            if self.rep.is_banned(ev.accuser):
+                raise EvidenceRejected(f"accuser {ev.accuser[:16]} is banned")
         except Exception as exc:  # never let a hostile message crash the pubsub loop
             self.stats["rejected"] += 1
             log.info("evidence rejected: %s", exc)
@@ -165,6 +172,13 @@ class Trust:
                 ev = decode_evidence(data, self.model_hash)
                 if self.verifier is None:
                     continue
+                # Re-checked right before the model runs: a ban may have come while it queued.
+                # A banned accuser gets no model time; a banned liar needs none (nothing to
+                # learn).
+                if self.rep.is_banned(ev.accuser) or self.rep.is_banned(ev.liar):
+                    self.stats["skipped_banned"] += 1
+                    continue
+                self.stats["checked"] += 1
                 verdict = await self.verifier.verify(
                     ev.entry(), ev.header.key, list(ev.prompt), ev.sampling_params(), tail=False
                 )

@@ -36,6 +36,15 @@ class NetworkView(Protocol):
         """Counters shown by ``/admin/peers``."""
         ...
 
+    def discovery_state(self) -> dict[str, Any]:
+        """Discovery as ``/admin/status`` shows it: known providers, points, last lookup."""
+        ...
+
+    def reachability(self) -> dict[str, Any]:
+        """``reachability`` (the last dial-back verdict), ``relay`` (slots held, relay
+        service) and ``reach_server`` (dial-backs served), for ``/admin/status``."""
+        ...
+
     async def wait_providers(
         self, key: str, level: str = "decoder_final", wait_s: float = 0.0
     ) -> list[str]:
@@ -59,6 +68,12 @@ class NoNetwork:
         return []
 
     def stats(self) -> dict[str, Any]:
+        return {}
+
+    def discovery_state(self) -> dict[str, Any]:
+        return {"enabled": False}
+
+    def reachability(self) -> dict[str, Any]:
         return {}
 
     async def wait_providers(

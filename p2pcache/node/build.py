@@ -27,7 +27,15 @@ from p2pcache.identity import Identity
 from p2pcache.keys import ModelHashMemo, model_hash
 from p2pcache.keys.model_hash import ProgressFn
 from p2pcache.kv import KvChunkStore, KvPolicy, KvPrefixCache, kv_backend_options
-from p2pcache.net.config import KvNetConfig, NetConfig, PeersConfig, WarmConfig
+from p2pcache.net.config import (
+    DiscoveryConfig,
+    KvNetConfig,
+    NetConfig,
+    PeersConfig,
+    ReachConfig,
+    RelayConfig,
+    WarmConfig,
+)
 from p2pcache.node.config import NodeConfig
 from p2pcache.node.options import NodeOptions
 from p2pcache.paths import DataDir
@@ -108,6 +116,9 @@ def net_config(config: NodeConfig, bootstrap: Sequence[str], psk: str | None) ->
             min_score=config.kv_peer_min_score,
             spot_check_rate=config.kv_spot_check_rate,
         ),
+        discovery=DiscoveryConfig(enabled=config.discovery, mdns=config.mdns),
+        reach=ReachConfig(enabled=config.reachability),
+        relay=RelayConfig(service=config.relay_service),
     )
 
 
@@ -225,6 +236,7 @@ def build_network(
         inventories=inventories,
         heartbeat_s=config.heartbeat_s,
     )
+    directory.index.score = rep.score  # a full key keeps its best-reputed providers
     verifier = ModelVerifier(worker, model_hash, config.tier.verify) if worker is not None else None
     trust = Trust(
         identity, model_hash, rep, verifier, on_ban=(directory.forget_peer, connections.disconnect)

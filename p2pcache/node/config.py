@@ -19,7 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from p2pcache.api.context import ApiSettings
 from p2pcache.errors import ConfigError  # noqa: F401 - re-exported
-from p2pcache.net.config import KvNetConfig, WarmConfig
+from p2pcache.net.config import (
+    DiscoveryConfig,
+    KvNetConfig,
+    ReachConfig,
+    RelayConfig,
+    WarmConfig,
+)
 from p2pcache.node.options import NodeOptions
 from p2pcache.semantic.tier import SemanticConfig
 
@@ -82,6 +88,23 @@ class NodeConfig(BaseModel):
     )
     bootstrap_wait_s: float = Field(
         60.0, gt=0, description="How long to wait for bootstrap_http nodes."
+    )
+    mdns: bool = Field(
+        DiscoveryConfig.mdns,
+        description="Find peers on the local network by mDNS (announces this node to the LAN).",
+    )
+    discovery: bool = Field(
+        DiscoveryConfig.enabled,
+        description="Find the model's providers by rendezvous at the bootstrap peers.",
+    )
+    reachability: bool = Field(
+        ReachConfig.enabled,
+        description="Ask peers to dial this node back (and answer their requests) to learn "
+        "whether it is reachable; a private node then uses a relay.",
+    )
+    relay_service: Literal["auto", "on", "off"] = Field(
+        RelayConfig.service,
+        description="Relay for nodes behind NAT: auto (once found public), on or off.",
     )
     warm_peers: int = Field(
         WarmConfig.max_peers,
