@@ -39,7 +39,7 @@ from p2pcache.net.reputation import Reputation
 from p2pcache.net.trust import Trust
 from p2pcache.net.verify import Verdict
 from p2pcache.store import Entry, Output, Store
-from tests.net_harness import ROOT, Peers
+from tests.net_harness import ROOT, Peers, until
 
 MH = "cd" * 32
 
@@ -53,18 +53,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
-
-
-def poll(cond: Any, timeout: float, what: str) -> Any:
-    """Poll another process's state until ``cond()`` is truthy (bounded)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)  # the polling interval of a cross-process condition
 
 
 @contextmanager
@@ -231,7 +219,7 @@ def test_idle_connection_flood_does_not_lock_out_honest_peers(tmp_path: Path) ->
         port = victim.addr.split("/tcp/")[1].split("/")[0]
         # 270 idle connections from 127.0.0.2, each re-opened when the node closes it, 15 s
         with hostile("idle", "127.0.0.1", port, "270", "15", "127.0.0.2") as attack:
-            poll(
+            until(
                 lambda: victim.call("stats")["conn"].get("refused_per_ip", 0) >= 200,
                 30,
                 "the flood to reach the node",
@@ -275,7 +263,7 @@ def test_blackhole_addresses_cost_the_l2_deadline_then_l3(tmp_path: Path) -> Non
         liar.call("publish_raw", topic="ads", data_hex=ad["data_hex"])
         assert victim.call("wait_provider", key=key)["providers"] == [liar.peer_id]
         liar.close()  # only the advertised black holes are left to dial
-        poll(lambda: liar.peer_id not in victim.call("stats")["peers"], 30, "the liar gone")
+        until(lambda: liar.peer_id not in victim.call("stats")["peers"], 30, "the liar gone")
         t0 = time.monotonic()
         ans = victim.call("resolve", prompt=prompt, params=params, timeout=120)["answer"]
         elapsed = time.monotonic() - t0
@@ -308,7 +296,7 @@ def test_sybil_flood_stays_within_the_index_bounds(tmp_path: Path) -> None:
             s = victim.call("stats")
             return s if s["ads"]["accepted"] >= SYBILS * 0.9 else None
 
-        stats = poll(settled, 300, "the flood to be validated")
+        stats = until(settled, 300, "the flood to be validated")
         snap = victim.call("index", key=keys[0])
         growth = rss_mb(victim.proc.pid) - before
         assert victim.alive()

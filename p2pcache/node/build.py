@@ -28,6 +28,7 @@ from p2pcache.keys import ModelHashMemo, model_hash
 from p2pcache.keys.model_hash import ProgressFn
 from p2pcache.kv import KvChunkStore, KvPolicy, KvPrefixCache, kv_backend_options
 from p2pcache.net.config import (
+    ConnLimits,
     DiscoveryConfig,
     KvNetConfig,
     NetConfig,
@@ -110,7 +111,11 @@ def net_config(config: NodeConfig, bootstrap: Sequence[str], psk: str | None) ->
     return NetConfig(
         listen=tuple(config.listen),
         psk=psk,
-        peers=PeersConfig(bootstrap=tuple(bootstrap), warm=WarmConfig(max_peers=config.warm_peers)),
+        peers=PeersConfig(
+            bootstrap=tuple(bootstrap),
+            warm=WarmConfig(max_peers=config.warm_peers),
+            conn=ConnLimits(max_per_ip=config.max_conns_per_ip),
+        ),
         kv=KvNetConfig(
             enabled=config.kv_net,
             min_score=config.kv_peer_min_score,

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from p2pcache.api.context import ApiSettings
 from p2pcache.errors import ConfigError  # noqa: F401 - re-exported
 from p2pcache.net.config import (
+    ConnLimits,
     DiscoveryConfig,
     KvNetConfig,
     ReachConfig,
@@ -105,6 +106,13 @@ class NodeConfig(BaseModel):
     relay_service: Literal["auto", "on", "off"] = Field(
         RelayConfig.service,
         description="Relay for nodes behind NAT: auto (once found public), on or off.",
+    )
+    max_conns_per_ip: int = Field(
+        ConnLimits.max_per_ip,
+        ge=1,
+        le=1024,
+        description="Inbound libp2p connections from one IP address (nodes behind one NAT "
+        "or on one host share it).",
     )
     warm_peers: int = Field(
         WarmConfig.max_peers,
