@@ -139,6 +139,15 @@ def counters(tb: Testbed, nodes: list[NsNode]) -> list[int]:
     return [sum(tb.counters(n.link)) for n in nodes]
 
 
+def ad_bytes(nodes: list[NsNode], clients: dict[str, httpx.Client]) -> list[int]:
+    """Advert payload bytes each node published plus those it accepted (first copies)."""
+    out = []
+    for n in nodes:
+        st = clients[n.name].get("/admin/peers").json()["stats"]
+        out.append(st["published"]["advert_bytes"] + st["ads"]["accepted_bytes"])
+    return out
+
+
 def log_time(record: dict[str, Any]) -> float:
     """A JSON log record's ``ts`` (UTC, ms) as a Unix time, the clock of ``spawned_at``."""
     return datetime.strptime(record["ts"], "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
@@ -246,13 +255,14 @@ def main() -> int:
                 t - n.spawned_at for n in nodes[1:] if (t := mesh_at.get(n.name)) is not None
             ]
             # Idle traffic: every node up and meshed, nothing new published.
-            c0, t0 = counters(tb, nodes), time.monotonic()
+            a0, c0, t0 = ad_bytes(nodes, clients), counters(tb, nodes), time.monotonic()
             time.sleep(args.idle_s)  # a measurement window, not synchronisation
-            c1, t1 = counters(tb, nodes), time.monotonic()
+            a1, c1, t1 = ad_bytes(nodes, clients), counters(tb, nodes), time.monotonic()
             idle = [(b - a) / (t1 - t0) for a, b in zip(c0, c1, strict=True)]
+            ads_idle = [(b - a) / (t1 - t0) for a, b in zip(a0, a1, strict=True)]
             delays: list[float] = []
             computes: list[float] = []
-            c2, t2 = counters(tb, nodes), time.monotonic()
+            a2, c2, t2 = ad_bytes(nodes, clients), counters(tb, nodes), time.monotonic()
             for e in range(args.entries):
                 producer = nodes[(1 + 5 * e) % len(nodes)]
                 others = [n for n in nodes if n is not producer]
@@ -260,8 +270,9 @@ def main() -> int:
                 d, comp = propagate(producer, others, clients, prompt)
                 delays += d
                 computes.append(comp)
-            c3, t3 = counters(tb, nodes), time.monotonic()
+            a3, c3, t3 = ad_bytes(nodes, clients), counters(tb, nodes), time.monotonic()
             busy = [(b - a) / (t3 - t2) for a, b in zip(c2, c3, strict=True)]
+            ads_busy = [(b - a) / (t3 - t2) for a, b in zip(a2, a3, strict=True)]
             known = [len(status(clients[n.name])["discovery"]["providers"]) for n in nodes]
             for link in late_links:  # one at a time, nothing else starting meanwhile
                 (n,) = start_node_group(
@@ -282,6 +293,8 @@ def main() -> int:
         ("advert: store -> provider known, per node (s)", delays),
         ("bytes/s per node, idle (rx+tx)", idle),
         ("bytes/s per node, publishing (rx+tx)", busy),
+        ("advert payload bytes/s per node, idle (sent + accepted)", ads_idle),
+        ("advert payload bytes/s per node, publishing (sent + accepted)", ads_busy),
         ("late join: process start -> first provider (s)", [x["provider"] for x in lates]),
         ("late join: network start -> first provider (s)", [x["net_provider"] for x in lates]),
         ("late join: process start -> first mesh peer (s, <=)", [x["mesh"] for x in lates]),

@@ -345,6 +345,7 @@ def log_rejection(reason: str, via: str) -> None:
 @dataclass
 class AdStats:
     accepted: int = 0
+    accepted_bytes: int = 0  # payload bytes of accepted adverts (first copies: others are seen)
     rejected: dict[str, int] = field(default_factory=dict)
 
     def reject(self, reason: str) -> None:
@@ -421,6 +422,7 @@ class AdValidator:
             log_rejection(f"malformed: {exc!r}", str(forwarder)[:16])
             return Verdict.REJECT
         self.accept(ad)
+        self.stats.accepted_bytes += len(msg.data)
         return Verdict.ACCEPT
 
     def __call__(self, forwarder: object, msg: Any) -> bool:

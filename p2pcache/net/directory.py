@@ -99,7 +99,12 @@ class Directory:
             is_banned=is_banned,
             max_age_s=config.max_ad_age_s,
         )
-        self.stats = {"adverts": 0, "inventory_rounds": 0, "rounds_for_new_mesh_peers": 0}
+        self.stats = {
+            "adverts": 0,
+            "advert_bytes": 0,  # payloads published (each sent to every mesh peer)
+            "inventory_rounds": 0,
+            "rounds_for_new_mesh_peers": 0,
+        }
         self._pending: dict[str, AdEntry] = {}
         self._pending_wake = trio.Event()
         self._seq = 0
@@ -206,8 +211,10 @@ class Directory:
                 self._next_seq(),
                 entries[i : i + step],
             )
-            await gossip.publish(self.topic, ad.encode())
+            data = ad.encode()
+            await gossip.publish(self.topic, data)
             self.stats["adverts"] += 1
+            self.stats["advert_bytes"] += len(data)
 
     async def _batch(self, gossip: Gossip) -> None:
         while True:

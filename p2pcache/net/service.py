@@ -136,6 +136,7 @@ class NetService:
         return {
             "ads": {
                 "accepted": d.validator.stats.accepted,
+                "accepted_bytes": d.validator.stats.accepted_bytes,
                 "rejected": dict(d.validator.stats.rejected),
             },
             "evidence": dict(self.trust.stats),
