@@ -34,11 +34,12 @@ from p2pcache.net.ads import MAX_PER_KEY, AdEntry, GossipIndex, make_advert
 from p2pcache.net.config import ConnLimits
 from p2pcache.net.conn_limits import ConnTrimmer
 from p2pcache.net.evidence import decode_evidence, make_evidence
-from p2pcache.net.fetch import ResponseHeader, entry_to_wire
+from p2pcache.net.fetch import ResponseHeader
 from p2pcache.net.reputation import Reputation
 from p2pcache.net.trust import Trust
 from p2pcache.net.verify import Verdict
 from p2pcache.store import Entry, Output, Store
+from tests._entries import signed_response
 from tests.net_harness import ROOT, Peers, until
 
 MH = "cd" * 32
@@ -124,8 +125,6 @@ def test_trimmer_closes_lowest_scores_above_high_water() -> None:
 def _wrong_key_lie(liar: Identity, accuser: Identity) -> tuple[ResponseHeader, bytes, list[int]]:
     """A response signed by ``liar`` for the prompt's key whose body is an entry made for
     another key."""
-    import hashlib
-
     params = SamplingParams(max_tokens=8)
     prompt = [2, 10, 11]
     other = input_sha256(MH, [2, 10, 12], params)
@@ -134,19 +133,8 @@ def _wrong_key_lie(liar: Identity, accuser: Identity) -> tuple[ResponseHeader, b
     )
     e.producer = liar.peer_id
     e.signature = liar.sign(e.signing_payload())
-    body = entry_to_wire(e)
-    h = ResponseHeader(
-        input_sha256(MH, prompt, params),
-        MH,
-        "decoder_final",
-        None,
-        len(body),
-        hashlib.sha256(body).hexdigest(),
-        accuser.peer_id,
-        liar.peer_id,
-        1,
-    )
-    return ResponseHeader(**{**h.__dict__, "sig": liar.sign(h.payload())}), body, prompt
+    header, body = signed_response(liar, accuser, input_sha256(MH, prompt, params), e)
+    return header, body, prompt
 
 
 def test_wrong_key_evidence_passes_the_static_checks(tmp_path: Path) -> None:

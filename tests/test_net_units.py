@@ -29,6 +29,7 @@ from p2pcache.net.reputation import Reputation, ReputationConfig
 from p2pcache.net.warm import WarmConfig, WarmConnections
 from p2pcache.net.wire import WireError
 from p2pcache.store import Entry, Output, Store
+from tests._entries import signed_response
 
 MH = "ab" * 32
 
@@ -238,23 +239,11 @@ def test_cost_model_fetch_or_recompute() -> None:
 def _signed_lie(
     liar: Identity, accuser: Identity
 ) -> tuple[ResponseHeader, bytes, list[int], SamplingParams]:
-    import hashlib
-
     params = SamplingParams(max_tokens=8)
     prompt = [2, 10, 11]
-    body = entry_to_wire(_entry(liar, prompt, params))
-    h = ResponseHeader(
-        input_sha256(MH, prompt, params),
-        MH,
-        "decoder_final",
-        None,
-        len(body),
-        hashlib.sha256(body).hexdigest(),
-        accuser.peer_id,
-        liar.peer_id,
-        1,
-    )
-    return ResponseHeader(**{**h.__dict__, "sig": liar.sign(h.payload())}), body, prompt, params
+    key = input_sha256(MH, prompt, params)
+    header, body = signed_response(liar, accuser, key, _entry(liar, prompt, params))
+    return header, body, prompt, params
 
 
 def test_reputation_cli_reads_a_stopped_nodes_store(tmp_path: Path) -> None:
